@@ -1,0 +1,214 @@
+#include "engine/model/llama_forward.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/strings.h"
+#include "kernels/cpu/dequantize.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/paged_attention.h"
+
+namespace morphserve::engine {
+namespace {
+
+void Resize(std::vector<float>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+}
+
+}  // namespace
+
+LlamaForward::LlamaForward(const Model& model, ThreadPool* pool, ForwardOptions options)
+    : model_(model),
+      pool_(pool),
+      options_(options),
+      rope_inv_freq_(RopeInverseFrequencies(model.config)) {}
+
+absl::Status LlamaForward::Validate(const ForwardBatch& batch, const PagedKvCache& cache) const {
+  const ModelConfig& c = model_.config;
+  const KvCacheShape& s = cache.shape();
+  if (s.num_layers != c.num_layers || s.num_kv_heads != c.num_kv_heads ||
+      s.head_dim != c.head_dim) {
+    return absl::InvalidArgumentError("KV cache shape does not match the model");
+  }
+  if (c.head_dim > kernels::kMaxHeadDim) {
+    return absl::InvalidArgumentError(StrCat("head_dim ", c.head_dim, " is above ",
+                                                   kernels::kMaxHeadDim));
+  }
+  for (int32_t t : batch.tokens) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          StrCat("token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  int64_t covered = 0;
+  for (const SequenceInput& seq : batch.sequences) {
+    if (seq.num_tokens <= 0 || seq.token_offset != covered || seq.start_position < 0) {
+      return absl::InvalidArgumentError("sequences must cover the batch tokens in order");
+    }
+    covered += seq.num_tokens;
+    const int64_t end = seq.start_position + seq.num_tokens;
+    if (end > c.context_length) {
+      return absl::OutOfRangeError(StrCat("position ", end - 1,
+                                                " is beyond the model's context length ",
+                                                c.context_length));
+    }
+    const int64_t blocks_needed = (end + s.block_size - 1) / s.block_size;
+    if (static_cast<int64_t>(seq.block_table.size()) < blocks_needed) {
+      return absl::InvalidArgumentError(StrCat("block table holds ", seq.block_table.size(),
+                                                     " blocks, ", blocks_needed, " needed"));
+    }
+    for (int64_t b = 0; b < blocks_needed; ++b) {
+      if (seq.block_table[b] < 0 || seq.block_table[b] >= s.num_blocks) {
+        return absl::InvalidArgumentError(
+            StrCat("block id ", seq.block_table[b], " is outside the pool"));
+      }
+    }
+  }
+  if (covered != static_cast<int64_t>(batch.tokens.size())) {
+    return absl::InvalidArgumentError("sequences must cover the batch tokens in order");
+  }
+  return absl::OkStatus();
+}
+
+void LlamaForward::MatMul(const Matrix& w, const float* x, int64_t n_tokens, float* y) {
+  const kernels::MatMulArgs args{w.dtype, w.data, w.row_bytes, w.rows, w.cols,
+                                 x,       w.cols, n_tokens,    y,      w.rows};
+  if (options_.reference_kernels) {
+    kernels::MatMulReference(args);
+    return;
+  }
+  const size_t need = kernels::MatMulScratchBytes(w.dtype, w.cols, n_tokens);
+  if (matmul_scratch_.size() < need) matmul_scratch_.resize(need);
+  kernels::MatMul(args, matmul_scratch_.data(), pool_);
+}
+
+void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int64_t layer) {
+  const ModelConfig& c = model_.config;
+  const int64_t bs = cache.shape().block_size;
+  const int64_t hd = c.head_dim;
+  // Write this step's keys and values into their slots first, so that each
+  // token attends to itself and to earlier tokens of the same chunk.
+  float* kc = cache.keys(layer);
+  float* vc = cache.values(layer);
+  for (const SequenceInput& seq : batch.sequences) {
+    for (int64_t i = 0; i < seq.num_tokens; ++i) {
+      const int64_t t = seq.token_offset + i;
+      const int64_t slot = seq.start_position + i;
+      const int64_t block = seq.block_table[slot / bs];
+      for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+        const int64_t at = cache.Index(block, h, slot % bs);
+        std::memcpy(kc + at, &k_[t * c.kv_dim() + h * hd], hd * sizeof(float));
+        std::memcpy(vc + at, &v_[t * c.kv_dim() + h * hd], hd * sizeof(float));
+      }
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const int64_t heads = c.num_heads;
+  for (const SequenceInput& seq : batch.sequences) {
+    kernels::PagedAttentionArgs args;
+    args.k_cache = kc;
+    args.v_cache = vc;
+    args.block_table = seq.block_table.data();
+    args.block_size = bs;
+    args.num_heads = heads;
+    args.num_kv_heads = c.num_kv_heads;
+    args.head_dim = hd;
+    args.scale = scale;
+    pool_->ParallelFor(seq.num_tokens * heads, 1, [&](int64_t begin, int64_t end) {
+      kernels::PagedAttentionArgs local = args;
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t i = u / heads;
+        const int64_t h = u % heads;
+        const int64_t t = seq.token_offset + i;
+        local.context_len = seq.start_position + i + 1;
+        kernels::PagedAttentionHead(local, &q_[t * c.q_dim() + h * hd], h,
+                                    &attn_[t * c.q_dim() + h * hd]);
+      }
+    });
+  }
+}
+
+absl::Status LlamaForward::Forward(const ForwardBatch& batch, PagedKvCache& cache,
+                                   std::vector<float>* logits) {
+  if (absl::Status s = Validate(batch, cache); !s.ok()) return s;
+  const ModelConfig& c = model_.config;
+  const LlamaWeights& w = model_.weights;
+  const int64_t n = static_cast<int64_t>(batch.tokens.size());
+  const int64_t hidden = c.hidden_size;
+  Resize(x_, n * hidden);
+  Resize(xn_, n * hidden);
+  Resize(q_, n * c.q_dim());
+  Resize(k_, n * c.kv_dim());
+  Resize(v_, n * c.kv_dim());
+  Resize(attn_, n * c.q_dim());
+  Resize(gate_, n * c.intermediate_size);
+  Resize(up_, n * c.intermediate_size);
+  token_positions_.resize(n);
+  for (const SequenceInput& seq : batch.sequences) {
+    for (int64_t i = 0; i < seq.num_tokens; ++i) {
+      token_positions_[seq.token_offset + i] = seq.start_position + i;
+    }
+  }
+
+  for (int64_t t = 0; t < n; ++t) {
+    kernels::DequantizeRow(w.token_embedding.dtype, w.token_embedding.Row(batch.tokens[t]),
+                           &x_[t * hidden], hidden);
+  }
+
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    const LayerWeights& l = w.layers[layer];
+    for (int64_t t = 0; t < n; ++t) {
+      kernels::RmsNorm(&x_[t * hidden], l.attn_norm, c.rms_norm_eps, hidden, &xn_[t * hidden]);
+    }
+    MatMul(l.wq, xn_.data(), n, q_.data());
+    MatMul(l.wk, xn_.data(), n, k_.data());
+    MatMul(l.wv, xn_.data(), n, v_.data());
+    for (int64_t t = 0; t < n; ++t) {
+      float* qt = &q_[t * c.q_dim()];
+      float* kt = &k_[t * c.kv_dim()];
+      if (l.bq != nullptr) {
+        kernels::Add(qt, l.bq, c.q_dim());
+        kernels::Add(kt, l.bk, c.kv_dim());
+        kernels::Add(&v_[t * c.kv_dim()], l.bv, c.kv_dim());
+      }
+      kernels::ApplyRope(qt, c.num_heads, c.head_dim, c.rope_dim, token_positions_[t],
+                         rope_inv_freq_.data(), c.rope_style);
+      kernels::ApplyRope(kt, c.num_kv_heads, c.head_dim, c.rope_dim, token_positions_[t],
+                         rope_inv_freq_.data(), c.rope_style);
+    }
+    Attention(batch, cache, layer);
+    MatMul(l.wo, attn_.data(), n, xn_.data());
+    for (int64_t t = 0; t < n; ++t) {
+      kernels::AddRmsNorm(&x_[t * hidden], &xn_[t * hidden], l.ffn_norm, c.rms_norm_eps, hidden,
+                          &xn_[t * hidden]);
+    }
+    MatMul(l.w_gate, xn_.data(), n, gate_.data());
+    MatMul(l.w_up, xn_.data(), n, up_.data());
+    kernels::SiluMul(gate_.data(), up_.data(), n * c.intermediate_size, gate_.data());
+    MatMul(l.w_down, gate_.data(), n, xn_.data());
+    for (int64_t t = 0; t < n; ++t) kernels::Add(&x_[t * hidden], &xn_[t * hidden], hidden);
+  }
+
+  // Final norm only for the rows whose logits are wanted.
+  int64_t rows = 0;
+  if (batch.all_logits) {
+    for (int64_t t = 0; t < n; ++t) {
+      kernels::RmsNorm(&x_[t * hidden], w.output_norm, c.rms_norm_eps, hidden, &xn_[t * hidden]);
+    }
+    rows = n;
+  } else {
+    for (const SequenceInput& seq : batch.sequences) {
+      const int64_t last = seq.token_offset + seq.num_tokens - 1;
+      kernels::RmsNorm(&x_[last * hidden], w.output_norm, c.rms_norm_eps, hidden,
+                       &xn_[rows * hidden]);
+      ++rows;
+    }
+  }
+  logits->resize(static_cast<size_t>(rows * c.vocab_size));
+  MatMul(w.output, xn_.data(), rows, logits->data());
+  return absl::OkStatus();
+}
+
+}  // namespace morphserve::engine

@@ -1,0 +1,71 @@
+// The Llama-family forward pass on CPU over a paged KV cache.
+//
+// One call computes every token of a step for every sequence together:
+// projections and MLP as matrix products over all the step's tokens,
+// attention per sequence over its own block table. Scratch buffers are kept
+// between calls and only grow. Not thread-safe: the engine thread owns it.
+#ifndef MORPHSERVE_ENGINE_MODEL_LLAMA_FORWARD_H_
+#define MORPHSERVE_ENGINE_MODEL_LLAMA_FORWARD_H_
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/thread_pool.h"
+#include "engine/kv/paged_kv_cache.h"
+#include "engine/model/model.h"
+
+namespace morphserve::engine {
+
+// The tokens [token_offset, token_offset + num_tokens) of the batch belong to
+// one sequence and sit at positions start_position, start_position + 1, ...
+// (which are also their cache slots).
+struct SequenceInput {
+  int64_t token_offset = 0;
+  int64_t num_tokens = 0;
+  int64_t start_position = 0;
+  std::span<const int32_t> block_table;
+};
+
+struct ForwardBatch {
+  std::span<const int32_t> tokens;
+  std::span<const SequenceInput> sequences;
+  // false: logits of each sequence's last token, [num_sequences, vocab].
+  // true: logits of every token, [num_tokens, vocab].
+  bool all_logits = false;
+};
+
+struct ForwardOptions {
+  // Use the plain reference matrix product (f32 activations, double
+  // accumulation) instead of the SIMD kernels: slow, for tests and audits.
+  bool reference_kernels = false;
+};
+
+class LlamaForward {
+ public:
+  // `model` and `pool` must outlive this object.
+  LlamaForward(const Model& model, ThreadPool* pool, ForwardOptions options = {});
+
+  // Runs the batch, writing K/V into `cache` and logits into `logits`.
+  // Invalid input (token ids, positions beyond the block tables) is an
+  // InvalidArgument error and leaves the cache untouched.
+  absl::Status Forward(const ForwardBatch& batch, PagedKvCache& cache, std::vector<float>* logits);
+
+ private:
+  absl::Status Validate(const ForwardBatch& batch, const PagedKvCache& cache) const;
+  void MatMul(const Matrix& w, const float* x, int64_t n_tokens, float* y);
+  void Attention(const ForwardBatch& batch, PagedKvCache& cache, int64_t layer);
+
+  const Model& model_;
+  ThreadPool* pool_;
+  ForwardOptions options_;
+  std::vector<float> rope_inv_freq_;
+  std::vector<int64_t> token_positions_;  // per batch token
+  std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_;
+  std::vector<uint8_t> matmul_scratch_;
+};
+
+}  // namespace morphserve::engine
+
+#endif  // MORPHSERVE_ENGINE_MODEL_LLAMA_FORWARD_H_

@@ -1,0 +1,54 @@
+// AVX2 + FMA + F16C MatMul kernels. Compiled for those extensions through a
+// target pragma rather than file-wide flags, so that no inline function from
+// a shared header is compiled with them here and then picked by the linker
+// for code that runs on older CPUs.
+#include "kernels/cpu/matmul_internal.h"
+
+#if MORPHSERVE_KERNELS_X86
+#include <immintrin.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "common/fp16.h"
+#include "kernels/cpu/quant_blocks.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+namespace morphserve::kernels::internal {
+namespace {
+
+inline __m256i DotU8S8(__m256i u, __m256i s) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+inline __m256i MaddAcc(__m256i acc, __m256i a, __m256i b) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+
+#include "kernels/cpu/matmul_x86_kernels.inc"
+
+}  // namespace
+}  // namespace morphserve::kernels::internal
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace morphserve::kernels::internal {
+
+const KernelTable& Avx2Kernels() {
+  static const KernelTable kTable = MakeTable();
+  return kTable;
+}
+
+}  // namespace morphserve::kernels::internal
+
+#endif  // MORPHSERVE_KERNELS_X86

@@ -1,0 +1,256 @@
+// `morphserve generate`: one sequence, prefill then decode, streamed to
+// stdout. Drives the same forward pass, paged KV cache, block pool, sampler
+// and stop checker that the server uses.
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/strings.h"
+#include "common/logging.h"
+#include "common/sampling_params.h"
+#include "common/status.h"
+#include "common/thread_pool.h"
+#include "engine/chat/chat_template.h"
+#include "engine/generation/stop_checker.h"
+#include "engine/kv/paged_kv_cache.h"
+#include "engine/model/llama_forward.h"
+#include "engine/model/model.h"
+#include "engine/sampler/sampler.h"
+#include "nlohmann/json.hpp"
+#include "scheduler/block_pool.h"
+#include "server/cli/arg_parser.h"
+#include "server/cli/commands.h"
+#include "spdlog/spdlog.h"
+
+namespace morphserve::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+struct GenerateOptions {
+  std::string model;
+  std::string load_format = "auto";
+  std::string prompt;
+  std::string chat;
+  std::string system;
+  int64_t max_tokens = 256;
+  int64_t min_tokens = 0;
+  bool ignore_eos = false;
+  std::vector<std::string> stop;
+  float temperature = 0.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  int64_t seed = -1;
+  int64_t logprobs = 0;
+  int64_t threads = 0;
+  int64_t block_size = 16;
+  int64_t prefill_chunk = 512;
+  bool json = false;
+  bool reference_kernels = false;
+  std::string log_level = "warn";
+};
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+absl::StatusOr<std::vector<int32_t>> BuildPrompt(const GenerateOptions& o,
+                                                 const engine::Tokenizer& tokenizer) {
+  if (o.chat.empty()) return tokenizer.Encode(o.prompt, /*add_special=*/true,
+                                              /*parse_special=*/false);
+  ASSIGN_OR_RETURN(engine::ChatTemplate tmpl, engine::ChatTemplate::FromModel(tokenizer));
+  std::vector<engine::ChatMessage> messages;
+  if (!o.system.empty()) messages.push_back({"system", o.system});
+  messages.push_back({"user", o.chat});
+  ASSIGN_OR_RETURN(std::string text, tmpl.Render(messages, /*add_generation_prompt=*/true));
+  return tokenizer.Encode(text, /*add_special=*/!tmpl.adds_bos_in_text(),
+                          /*parse_special=*/true);
+}
+
+nlohmann::json LogprobsJson(const engine::SampleResult& r) {
+  nlohmann::json top = nlohmann::json::array();
+  for (const engine::TokenLogprob& t : r.top) top.push_back({{"id", t.id}, {"logprob", t.logprob}});
+  return {{"id", r.token}, {"logprob", r.logprob}, {"top", std::move(top)}};
+}
+
+absl::Status Run(const GenerateOptions& o) {
+  SamplingParams sampling;
+  sampling.temperature = o.temperature;
+  sampling.top_k = static_cast<int32_t>(o.top_k);
+  sampling.top_p = o.top_p;
+  sampling.min_p = o.min_p;
+  sampling.repetition_penalty = o.repetition_penalty;
+  sampling.presence_penalty = o.presence_penalty;
+  sampling.frequency_penalty = o.frequency_penalty;
+  if (o.seed >= 0) sampling.seed = static_cast<uint64_t>(o.seed);
+  sampling.logprobs = static_cast<int32_t>(o.logprobs);
+  RETURN_IF_ERROR(sampling.Validate());
+  engine::StopConditions stop;
+  stop.max_new_tokens = o.max_tokens;
+  stop.min_new_tokens = o.min_tokens;
+  stop.ignore_eos = o.ignore_eos;
+  stop.stop_strings = o.stop;
+  RETURN_IF_ERROR(stop.Validate());
+  if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
+  if (o.prompt.empty() == o.chat.empty()) {
+    return absl::InvalidArgumentError("give exactly one of --prompt and --chat");
+  }
+  if (o.block_size <= 0 || o.prefill_chunk <= 0) {
+    return absl::InvalidArgumentError("--block-size and --prefill-chunk must be positive");
+  }
+
+  engine::ModelLoadOptions load;
+  load.path = o.model;
+  ASSIGN_OR_RETURN(load.format, engine::ParseLoadFormat(o.load_format));
+  const Clock::time_point t_load = Clock::now();
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::LoadModel(load));
+  if (model->tokenizer == nullptr) {
+    return absl::FailedPreconditionError("the model has no tokenizer; text generation needs one");
+  }
+  const engine::Tokenizer& tokenizer = *model->tokenizer;
+  const engine::ModelConfig& cfg = model->config;
+  spdlog::info("loaded {} ({}) in {:.2f}s", o.model, model->format, Seconds(Clock::now() - t_load));
+
+  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, BuildPrompt(o, tokenizer));
+  if (prompt.empty()) return absl::InvalidArgumentError("the prompt encodes to no tokens");
+  const int64_t total = static_cast<int64_t>(prompt.size()) + o.max_tokens;
+  if (total > cfg.context_length) {
+    return absl::OutOfRangeError(StrCat("prompt (", prompt.size(), " tokens) + max tokens (",
+                                              o.max_tokens, ") exceeds the context length ",
+                                              cfg.context_length));
+  }
+
+  const int64_t blocks = (total + o.block_size - 1) / o.block_size;
+  engine::PagedKvCache cache(
+      {cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, o.block_size, blocks});
+  scheduler::BlockPool pool_blocks(static_cast<int32_t>(blocks));
+  std::vector<int32_t> block_table;
+  ThreadPool threads(o.threads > 0 ? static_cast<int>(o.threads) : ThreadPool::DefaultThreads());
+  engine::LlamaForward forward(*model, &threads, {.reference_kernels = o.reference_kernels});
+  engine::Sampler sampler(sampling, prompt);
+  engine::StopChecker checker(tokenizer, stop);
+
+  std::vector<float> logits;
+  auto run = [&](std::span<const int32_t> tokens, int64_t position) -> absl::Status {
+    const int64_t needed = (position + static_cast<int64_t>(tokens.size()) + o.block_size - 1) /
+                           o.block_size;
+    const int64_t missing = needed - static_cast<int64_t>(block_table.size());
+    if (missing > 0 && !pool_blocks.Allocate(static_cast<int32_t>(missing), &block_table)) {
+      return absl::ResourceExhaustedError("KV cache pool exhausted");
+    }
+    const engine::SequenceInput seq{0, static_cast<int64_t>(tokens.size()), position, block_table};
+    return forward.Forward({tokens, {&seq, 1}, false}, cache, &logits);
+  };
+
+  const Clock::time_point t0 = Clock::now();
+  for (size_t begin = 0; begin < prompt.size(); begin += o.prefill_chunk) {
+    const size_t n = std::min<size_t>(o.prefill_chunk, prompt.size() - begin);
+    RETURN_IF_ERROR(run(std::span<const int32_t>(prompt).subspan(begin, n),
+                        static_cast<int64_t>(begin)));
+  }
+  const Clock::time_point t1 = Clock::now();
+
+  std::vector<int32_t> generated;
+  nlohmann::json logprobs = nlohmann::json::array();
+  std::string text;
+  engine::FinishReason finish = engine::FinishReason::kNone;
+  while (finish == engine::FinishReason::kNone) {
+    const engine::SampleResult r = sampler.Sample(std::span<float>(logits).first(cfg.vocab_size));
+    generated.push_back(r.token);
+    if (o.logprobs > 0) logprobs.push_back(LogprobsJson(r));
+    const engine::StopChecker::Step step = checker.Push(r.token);
+    finish = step.finish;
+    text += step.text;
+    if (!o.json && !step.text.empty()) {
+      std::fwrite(step.text.data(), 1, step.text.size(), stdout);
+      std::fflush(stdout);
+    }
+    if (finish == engine::FinishReason::kNone) {
+      const int32_t next = r.token;
+      RETURN_IF_ERROR(run({&next, 1}, static_cast<int64_t>(prompt.size() + generated.size()) - 1));
+    }
+  }
+  const Clock::time_point t2 = Clock::now();
+
+  const double prefill_s = Seconds(t1 - t0);
+  const double decode_s = Seconds(t2 - t1);
+  const size_t decode_steps = generated.size() > 0 ? generated.size() - 1 : 0;
+  if (o.json) {
+    nlohmann::json out = {
+        {"tokens", generated},
+        {"text", text},
+        {"finish_reason", engine::FinishReasonName(finish)},
+        {"usage",
+         {{"prompt_tokens", prompt.size()},
+          {"completion_tokens", generated.size()},
+          {"prefill_seconds", prefill_s},
+          {"decode_seconds", decode_s}}},
+    };
+    if (o.logprobs > 0) out["logprobs"] = std::move(logprobs);
+    std::puts(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::puts("");
+  }
+  std::fprintf(stderr,
+               "[prompt %zu tokens, %.1f tok/s | generated %zu tokens, %.1f tok/s | finish %s]\n",
+               prompt.size(), prompt.size() / std::max(prefill_s, 1e-9), generated.size(),
+               decode_steps / std::max(decode_s, 1e-9),
+               std::string(engine::FinishReasonName(finish)).c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int GenerateCommand(int argc, char** argv, int first) {
+  GenerateOptions o;
+  ArgParser p("morphserve generate --model PATH (--prompt TEXT | --chat TEXT) [options]",
+              "Generates text for one prompt and streams it to stdout.");
+  p.AddString("model", &o.model, "model: a .gguf file or a Hugging Face directory");
+  p.AddString("load-format", &o.load_format, "auto, gguf, safetensors or dummy");
+  p.AddString("prompt", &o.prompt, "raw prompt text (BOS added as the model requires)");
+  p.AddString("chat", &o.chat, "a user message, formatted with the model's chat template");
+  p.AddString("system", &o.system, "system message for --chat");
+  p.AddInt("max-tokens", &o.max_tokens, "most tokens to generate");
+  p.AddInt("min-tokens", &o.min_tokens, "tokens to generate before EOS or stops count");
+  p.AddFlag("ignore-eos", &o.ignore_eos, "keep generating after end-of-sequence tokens");
+  p.AddList("stop", &o.stop, "stop string (repeatable); not included in the output");
+  p.AddFloat("temperature", &o.temperature, "sampling temperature; 0 is greedy");
+  p.AddInt("top-k", &o.top_k, "keep the k most likely tokens; 0 is off");
+  p.AddFloat("top-p", &o.top_p, "nucleus sampling mass in (0, 1]");
+  p.AddFloat("min-p", &o.min_p, "drop tokens below min-p times the top probability");
+  p.AddFloat("repetition-penalty", &o.repetition_penalty, "penalty for prompt and output tokens");
+  p.AddFloat("presence-penalty", &o.presence_penalty, "subtracted once from seen output tokens");
+  p.AddFloat("frequency-penalty", &o.frequency_penalty, "subtracted per occurrence in output");
+  p.AddInt("seed", &o.seed, "random seed (-1: random); same seed, same output");
+  p.AddInt("logprobs", &o.logprobs, "report the top-N log-probabilities per token (with --json)");
+  p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
+  p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
+  p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");
+  p.AddFlag("json", &o.json, "print one JSON object at the end instead of streaming text");
+  p.AddFlag("reference-kernels", &o.reference_kernels,
+            "use the slow, exact reference matrix products (for checking numerics)");
+  p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
+  if (absl::Status s = p.Parse(argc, argv, first); !s.ok()) {
+    std::fprintf(stderr, "morphserve generate: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (p.help_requested()) {
+    std::fputs(p.Help().c_str(), stdout);
+    return 0;
+  }
+  if (absl::Status s = InitLogging(o.log_level, LogFormat::kPlain); !s.ok()) {
+    std::fprintf(stderr, "morphserve generate: %s\n", std::string(s.message()).c_str());
+    return 2;
+  }
+  if (absl::Status s = Run(o); !s.ok()) {
+    std::fprintf(stderr, "morphserve generate: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace morphserve::cli

@@ -1,0 +1,48 @@
+#include "common/thread_pool.h"
+
+#include <atomic>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace morphserve {
+namespace {
+
+TEST(ThreadPoolTest, CoversEveryIndexExactlyOnce) {
+  for (int threads : {1, 2, 3, 8}) {
+    ThreadPool pool(threads);
+    for (int64_t n : {1, 7, 64, 1001}) {
+      for (int64_t grain : {1, 4, 32}) {
+        std::vector<std::atomic<int>> hits(n);
+        pool.ParallelFor(n, grain, [&](int64_t b, int64_t e) {
+          ASSERT_LE(0, b);
+          ASSERT_LT(b, e);
+          ASSERT_LE(e, n);
+          for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+        });
+        for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "n=" << n << " i=" << i;
+      }
+    }
+  }
+}
+
+TEST(ThreadPoolTest, RangesStartOnGrainBoundaries) {
+  ThreadPool pool(4);
+  std::atomic<int> misaligned{0};
+  pool.ParallelFor(1000, 16, [&](int64_t b, int64_t) {
+    if (b % 16 != 0) misaligned.fetch_add(1);
+  });
+  EXPECT_EQ(misaligned.load(), 0);
+}
+
+TEST(ThreadPoolTest, ReusableAcrossManyCalls) {
+  ThreadPool pool(3);
+  std::atomic<int64_t> sum{0};
+  for (int call = 0; call < 2000; ++call) {
+    pool.ParallelFor(10, 1, [&](int64_t b, int64_t e) { sum.fetch_add(e - b); });
+  }
+  EXPECT_EQ(sum.load(), 20000);
+}
+
+}  // namespace
+}  // namespace morphserve

@@ -1,0 +1,398 @@
+#include "kernels/cpu/matmul.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <new>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cpu/dequantize.h"
+#include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/quant_blocks.h"
+#include "tests/kernels/block_encoders.h"
+
+// Counts heap allocations, to check that MatMul makes none.
+std::atomic<int64_t> g_allocations{0};
+
+void* operator new(std::size_t n) {
+  g_allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
+  throw std::bad_alloc();
+}
+// GCC flags free() on memory from operator new even in the replacement
+// operator delete, which is where that pairing is correct.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+namespace morphserve {
+
+// Readable names for the parameterized tests' failure messages.
+void PrintTo(DType type, std::ostream* os) { *os << DTypeName(type); }
+
+namespace kernels {
+namespace {
+
+using internal::Isa;
+
+constexpr float kGapSentinel = 1234.5f;
+constexpr uint8_t kGuardByte = 0xA5;
+constexpr size_t kGuardBytes = 64;
+
+std::vector<Isa> SupportedIsas() {
+  std::vector<Isa> isas;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (internal::IsaSupported(isa)) isas.push_back(isa);
+  }
+  return isas;
+}
+
+ThreadPool* Pool(int threads) {
+  static ThreadPool one(1);
+  static ThreadPool two(2);
+  static ThreadPool three(3);
+  return threads == 1 ? &one : threads == 2 ? &two : &three;
+}
+
+bool IsBlock32(DType t) {
+  return t == DType::kQ4_0 || t == DType::kQ4_1 || t == DType::kQ5_0 || t == DType::kQ5_1 ||
+         t == DType::kQ8_0;
+}
+bool IsFloat(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+
+// A weight matrix and activations with padded strides: the x padding holds
+// NaN so that reading past `cols` shows up in the results.
+struct Problem {
+  DType type;
+  int64_t rows;
+  int64_t cols;
+  int64_t n_tokens;
+  int64_t x_stride;
+  int64_t y_stride;
+  std::vector<uint8_t> w;
+  std::vector<float> w_f32;  // dequantized, for error bounds
+  std::vector<float> x;
+
+  MatMulArgs Args(float* y) const {
+    return MatMulArgs{.w_type = type,
+                      .w = w.data(),
+                      .w_row_bytes = RowBytes(type, cols),
+                      .rows = rows,
+                      .cols = cols,
+                      .x = x.data(),
+                      .x_stride = x_stride,
+                      .n_tokens = n_tokens,
+                      .y = y,
+                      .y_stride = y_stride};
+  }
+};
+
+// With `exact`, each block of 32 activations holds integers times 2^-7 with
+// one at +-127: 8-bit activation quantization then loses nothing.
+Problem MakeProblem(DType type, int64_t rows, int64_t cols, int64_t n_tokens, bool exact,
+                    std::mt19937& rng) {
+  Problem p{type, rows, cols, n_tokens, cols + 3, rows + 2, {}, {}, {}};
+  p.w = testing::RandomMatrix(type, rows, cols, rng);
+  p.w_f32.resize(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    DequantizeRow(type, p.w.data() + r * RowBytes(type, cols), p.w_f32.data() + r * cols, cols);
+  }
+  p.x.assign(static_cast<size_t>(n_tokens * p.x_stride), std::numeric_limits<float>::quiet_NaN());
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> small_int(-127, 127);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    float* x = p.x.data() + t * p.x_stride;
+    for (int64_t k = 0; k < cols; ++k) {
+      if (exact) {
+        x[k] =
+            static_cast<float>(k % 32 == 0 ? ((k / 32) % 2 ? -127 : 127) : small_int(rng)) / 128.0f;
+      } else {
+        x[k] = uniform(rng) * (k % 97 == 5 ? 8.0f : 1.0f);  // some outliers
+      }
+    }
+  }
+  return p;
+}
+
+// Worst-case error of 8-bit symmetric activation quantization (half a step
+// of each activation block, times |w|) plus f32 rounding.
+double ErrorBound(const Problem& p, int64_t r, int64_t t, bool quantized) {
+  const float* w = p.w_f32.data() + r * p.cols;
+  const float* x = p.x.data() + t * p.x_stride;
+  const int64_t block = !quantized ? 1 : IsBlock32(p.type) ? kQK : kQKK;
+  double bound = 0.0;
+  double magnitude = 0.0;
+  for (int64_t k0 = 0; k0 < p.cols; k0 += block) {
+    double amax = 0.0;
+    for (int64_t k = k0; k < k0 + block; ++k) amax = std::max(amax, std::fabs(double{x[k]}));
+    for (int64_t k = k0; k < k0 + block; ++k) {
+      if (quantized) bound += std::fabs(double{w[k]}) * amax / 254.0;
+      magnitude += std::fabs(double{w[k]} * x[k]);
+    }
+  }
+  return bound * 1.001 + 1e-5 * magnitude + 1e-6;
+}
+
+std::vector<float> PoisonedY(const Problem& p) {
+  std::vector<float> y(static_cast<size_t>(p.n_tokens * p.y_stride), kGapSentinel);
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      y[t * p.y_stride + r] = std::numeric_limits<float>::quiet_NaN();
+    }
+  }
+  return y;
+}
+
+// Runs MatMul on `isa`; checks the y gaps and the scratch guard bytes.
+std::vector<float> RunMatMul(const Problem& p, Isa isa, ThreadPool* pool) {
+  std::vector<float> y = PoisonedY(p);
+  const size_t scratch_bytes = MatMulScratchBytes(p.type, p.cols, p.n_tokens);
+  // Offset by one byte: MatMul must not rely on the scratch alignment.
+  std::vector<uint8_t> scratch(scratch_bytes + 1 + kGuardBytes, kGuardByte);
+  internal::MatMulWithIsa(p.Args(y.data()), scratch.data() + 1, pool, isa);
+  EXPECT_EQ(scratch[0], kGuardByte);
+  for (size_t i = scratch_bytes + 1; i < scratch.size(); ++i) {
+    EXPECT_EQ(scratch[i], kGuardByte) << "scratch overrun at " << i - 1;
+  }
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    for (int64_t r = p.rows; r < p.y_stride; ++r) {
+      EXPECT_EQ(y[t * p.y_stride + r], kGapSentinel) << "gap written at t=" << t << " r=" << r;
+    }
+  }
+  return y;
+}
+
+std::string Describe(const Problem& p, Isa isa, int threads) {
+  return std::string(DTypeName(p.type)) + " rows=" + std::to_string(p.rows) +
+         " cols=" + std::to_string(p.cols) + " tokens=" + std::to_string(p.n_tokens) +
+         " isa=" + internal::IsaName(isa) + " threads=" + std::to_string(threads);
+}
+
+std::vector<int64_t> ColsFor(DType t) {
+  if (IsFloat(t)) return {1, 13, 67, 576};
+  if (IsBlock32(t)) return {32, 96, 608};
+  return {256, 768};
+}
+
+class MatMulTypeTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(MatMulTypeTest, MatchesReferenceWithinActivationQuantization) {
+  const DType type = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(type) + 100);
+  for (int64_t rows : {1, 3, 17, 100}) {
+    for (int64_t cols : ColsFor(type)) {
+      for (int64_t n_tokens : {1, 2, 5, 33}) {
+        const Problem p = MakeProblem(type, rows, cols, n_tokens, /*exact=*/false, rng);
+        std::vector<float> ref = PoisonedY(p);
+        MatMulReference(p.Args(ref.data()));
+        for (Isa isa : SupportedIsas()) {
+          for (int threads : {1, 2, 3}) {
+            const std::vector<float> y = RunMatMul(p, isa, Pool(threads));
+            for (int64_t t = 0; t < n_tokens; ++t) {
+              for (int64_t r = 0; r < rows; ++r) {
+                const size_t i = static_cast<size_t>(t * p.y_stride + r);
+                ASSERT_TRUE(std::isfinite(y[i]))
+                    << Describe(p, isa, threads) << " t=" << t << " r=" << r;
+                ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, !IsFloat(type)))
+                    << Describe(p, isa, threads) << " t=" << t << " r=" << r;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// With activations that 8-bit quantization represents exactly, the integer
+// dot products must reproduce the reference up to f32 rounding.
+TEST_P(MatMulTypeTest, ExactActivationsMatchReferenceTightly) {
+  const DType type = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(type) + 200);
+  for (int64_t n_tokens : {1, 3, 6}) {
+    const Problem p =
+        MakeProblem(type, 19, IsFloat(type) ? 64 : 512, n_tokens, /*exact=*/true, rng);
+    std::vector<float> ref = PoisonedY(p);
+    MatMulReference(p.Args(ref.data()));
+    for (Isa isa : SupportedIsas()) {
+      const std::vector<float> y = RunMatMul(p, isa, Pool(2));
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        for (int64_t r = 0; r < p.rows; ++r) {
+          const size_t i = static_cast<size_t>(t * p.y_stride + r);
+          ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, /*quantized=*/false))
+              << Describe(p, isa, 2) << " t=" << t << " r=" << r;
+        }
+      }
+    }
+  }
+}
+
+// The SIMD kernels see the same quantized activations as the scalar ones,
+// so they differ only in the order of f32 additions.
+TEST_P(MatMulTypeTest, SimdMatchesScalar) {
+  const DType type = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(type) + 300);
+  for (int64_t n_tokens : {1, 4, 7}) {
+    const int64_t cols = ColsFor(type).back();
+    const Problem p = MakeProblem(type, 37, cols, n_tokens, /*exact=*/false, rng);
+    const std::vector<float> scalar = RunMatMul(p, Isa::kScalar, Pool(1));
+    for (Isa isa : SupportedIsas()) {
+      if (isa == Isa::kScalar) continue;
+      const std::vector<float> y = RunMatMul(p, isa, Pool(3));
+      for (int64_t t = 0; t < n_tokens; ++t) {
+        for (int64_t r = 0; r < p.rows; ++r) {
+          const size_t i = static_cast<size_t>(t * p.y_stride + r);
+          ASSERT_NEAR(y[i], scalar[i], ErrorBound(p, r, t, /*quantized=*/false))
+              << Describe(p, isa, 3) << " t=" << t << " r=" << r;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(MatMulTypeTest, DefaultEntryPointWithAndWithoutPool) {
+  const DType type = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(type) + 400);
+  const Problem p = MakeProblem(type, 40, ColsFor(type).back(), 3, /*exact=*/false, rng);
+  std::vector<float> ref = PoisonedY(p);
+  MatMulReference(p.Args(ref.data()));
+  std::vector<uint8_t> scratch(MatMulScratchBytes(type, p.cols, p.n_tokens));
+  for (ThreadPool* pool : {Pool(2), static_cast<ThreadPool*>(nullptr)}) {
+    std::vector<float> y = PoisonedY(p);
+    MatMul(p.Args(y.data()), scratch.data(), pool);
+    for (int64_t t = 0; t < p.n_tokens; ++t) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const size_t i = static_cast<size_t>(t * p.y_stride + r);
+        ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, !IsFloat(type))) << "t=" << t << " r=" << r;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllWeightTypes, MatMulTypeTest,
+                         ::testing::Values(DType::kF32, DType::kF16, DType::kBF16, DType::kQ4_0,
+                                           DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0,
+                                           DType::kQ4_K, DType::kQ5_K, DType::kQ6_K),
+                         [](const ::testing::TestParamInfo<DType>& param) {
+                           return std::string(DTypeName(param.param));
+                         });
+
+TEST(MatMulTest, ReferenceOnHandComputedCase) {
+  // W = [[1, 2, 3], [-1, 0.5, 0]], two tokens with padded strides.
+  const float w[6] = {1.0f, 2.0f, 3.0f, -1.0f, 0.5f, 0.0f};
+  const float x[8] = {1.0f, 1.0f, 1.0f, 99.0f, 2.0f, -4.0f, 0.5f, 99.0f};
+  float y[6] = {0.0f, 0.0f, kGapSentinel, 0.0f, 0.0f, kGapSentinel};
+  MatMulReference(MatMulArgs{DType::kF32, w, 3 * sizeof(float), 2, 3, x, 4, 2, y, 3});
+  EXPECT_EQ(y[0], 6.0f);
+  EXPECT_EQ(y[1], -0.5f);
+  EXPECT_EQ(y[2], kGapSentinel);
+  EXPECT_EQ(y[3], 2.0f - 8.0f + 1.5f);
+  EXPECT_EQ(y[4], -2.0f - 2.0f);
+  EXPECT_EQ(y[5], kGapSentinel);
+}
+
+TEST(MatMulTest, ScratchSize) {
+  EXPECT_EQ(MatMulScratchBytes(DType::kF32, 576, 8), 0u);
+  EXPECT_EQ(MatMulScratchBytes(DType::kF16, 576, 8), 0u);
+  EXPECT_GE(MatMulScratchBytes(DType::kQ4_1, 576, 8), 8u * 18 * sizeof(ActBlock32));
+  EXPECT_GE(MatMulScratchBytes(DType::kQ6_K, 512, 3), 3u * 2 * sizeof(ActBlockK));
+}
+
+TEST(MatMulTest, EmptyShapesWriteNothing) {
+  std::mt19937 rng(5);
+  Problem p = MakeProblem(DType::kQ8_0, 4, 64, 2, /*exact=*/false, rng);
+  std::vector<float> y(16, kGapSentinel);
+  std::vector<uint8_t> scratch(MatMulScratchBytes(DType::kQ8_0, 64, 2));
+  MatMulArgs args = p.Args(y.data());
+  args.n_tokens = 0;
+  MatMul(args, scratch.data(), Pool(2));
+  args.n_tokens = 2;
+  args.rows = 0;
+  MatMul(args, scratch.data(), Pool(2));
+  for (float v : y) EXPECT_EQ(v, kGapSentinel);
+}
+
+TEST(MatMulTest, AllocatesNothing) {
+  std::mt19937 rng(6);
+  for (DType type : {DType::kQ4_1, DType::kQ6_K, DType::kF16}) {
+    const Problem p = MakeProblem(type, 64, ColsFor(type).back(), 3, /*exact=*/false, rng);
+    std::vector<float> y = PoisonedY(p);
+    std::vector<uint8_t> scratch(MatMulScratchBytes(type, p.cols, p.n_tokens));
+    MatMul(p.Args(y.data()), scratch.data(), Pool(2));  // first call picks the ISA
+    const int64_t before = g_allocations.load();
+    MatMul(p.Args(y.data()), scratch.data(), Pool(2));
+    EXPECT_EQ(g_allocations.load(), before) << DTypeName(type);
+  }
+}
+
+TEST(MatMulTest, BestIsaIsSupported) {
+  EXPECT_TRUE(internal::IsaSupported(Isa::kScalar));
+  EXPECT_TRUE(internal::IsaSupported(internal::BestIsa()));
+}
+
+// Every ISA's activation quantizer yields byte-identical blocks, each within
+// half a step of its input, with consistent sums.
+TEST(MatMulTest, ActivationQuantizersAgree) {
+  std::mt19937 rng(9);
+  std::uniform_real_distribution<float> uniform(-5.0f, 5.0f);
+  constexpr int64_t kN = 512;
+  std::vector<float> x(kN);
+  for (float& v : x) v = uniform(rng);
+  for (int k = 64; k < 96; ++k) x[k] = 0.0f;  // an all-zero block
+  x[200] = 1e4f;
+
+  std::vector<ActBlock32> scalar32(kN / kQK);
+  std::vector<ActBlockK> scalar_k(kN / kQKK);
+  internal::ScalarKernels().quantize_block32(x.data(), kN, scalar32.data());
+  internal::ScalarKernels().quantize_superblock(x.data(), kN, scalar_k.data());
+  for (size_t b = 0; b < scalar32.size(); ++b) {
+    int sum = 0;
+    for (int j = 0; j < kQK; ++j) {
+      const float v = x[b * kQK + j];
+      EXPECT_LE(std::fabs(scalar32[b].d * scalar32[b].qs[j] - v), 0.5001f * scalar32[b].d + 1e-30f);
+      sum += scalar32[b].qs[j];
+    }
+    EXPECT_FLOAT_EQ(scalar32[b].sum, scalar32[b].d * static_cast<float>(sum));
+  }
+  EXPECT_EQ(scalar32[2].d, 0.0f);
+  for (size_t b = 0; b < scalar_k.size(); ++b) {
+    for (int g = 0; g < kQKK / 16; ++g) {
+      int sum = 0;
+      for (int j = 16 * g; j < 16 * g + 16; ++j) {
+        EXPECT_LE(std::fabs(scalar_k[b].d * scalar_k[b].qs[j] - x[b * kQKK + j]),
+                  0.5001f * scalar_k[b].d);
+        sum += scalar_k[b].qs[j];
+      }
+      EXPECT_EQ(scalar_k[b].bsums[g], sum);
+    }
+  }
+
+  for (Isa isa : SupportedIsas()) {
+    const internal::KernelTable& table = internal::KernelsFor(isa);
+    std::vector<ActBlock32> q32(kN / kQK);
+    std::vector<ActBlockK> qk(kN / kQKK);
+    table.quantize_block32(x.data(), kN, q32.data());
+    table.quantize_superblock(x.data(), kN, qk.data());
+    EXPECT_EQ(std::memcmp(q32.data(), scalar32.data(), q32.size() * sizeof(ActBlock32)), 0)
+        << internal::IsaName(isa);
+    EXPECT_EQ(std::memcmp(qk.data(), scalar_k.data(), qk.size() * sizeof(ActBlockK)), 0)
+        << internal::IsaName(isa);
+  }
+}
+
+}  // namespace
+}  // namespace kernels
+}  // namespace morphserve
