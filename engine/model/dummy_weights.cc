@@ -52,8 +52,9 @@ void Fill(uint64_t key, int64_t begin, int64_t end, Store store) {
   for (; i < end && i % 4 != 0; ++i) store(i, Bits(key, i));
   for (; i + 4 <= end; i += 4) {
     const uint64_t word = Word(key, i / 4);
-    for (int lane = 0; lane < 4; ++lane)
+    for (int lane = 0; lane < 4; ++lane) {
       store(i + lane, static_cast<uint16_t>(word >> (16 * lane)));
+    }
   }
   for (; i < end; ++i) store(i, Bits(key, i));
 }

@@ -31,7 +31,9 @@ struct Model {
   std::unique_ptr<Tokenizer> tokenizer;
   std::string format;  // "gguf", "safetensors" or "dummy"
   std::string path;
-  // Keeps the memory mappings behind `weights` alive.
+  // Keeps what `weights` points into alive: memory mappings, generated
+  // buffers. Models without a tokenizer (dummy weights and no
+  // tokenizer.json) take token ids only.
   std::vector<std::shared_ptr<const void>> keep_alive;
 };
 

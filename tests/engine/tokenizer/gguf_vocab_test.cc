@@ -7,13 +7,13 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/engine/tokenizer/fixtures.h"
-#include "tests/engine/tokenizer/gguf_builder.h"
+#include "tests/testing/gguf_builder.h"
 
 namespace morphserve::engine {
 namespace {
 
 using ::testing::ElementsAre;
-using testing::GgufBuilder;
+using morphserve::testing::GgufBuilder;
 using ::testing::HasSubstr;
 
 // Byte-level alphabet entries used below: "Ġ" is the space byte.
@@ -34,16 +34,17 @@ const std::vector<int32_t> kBpeTypes = {1, 1, 1, 1, 1, 1, 1, 3, 4, 3};
 
 GgufBuilder BpeVocab() {
   GgufBuilder b;
-  b.String("tokenizer.ggml.model", "gpt2")
-      .String("tokenizer.ggml.pre", "gpt-2")
-      .StringArray("tokenizer.ggml.tokens", kBpeTokens)
-      .Int32Array("tokenizer.ggml.token_type", kBpeTypes)
-      .StringArray("tokenizer.ggml.merges", {"a b", "ab c", "\xC4\xA0 a"});
+  b.SetString("tokenizer.ggml.model", "gpt2")
+      .SetString("tokenizer.ggml.pre", "gpt-2")
+      .SetStringArray("tokenizer.ggml.tokens", kBpeTokens)
+      .SetI32Array("tokenizer.ggml.token_type", kBpeTypes)
+      .SetStringArray("tokenizer.ggml.merges", {"a b", "ab c", "\xC4\xA0 a"});
   return b;
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Load(GgufBuilder& builder) {
-  auto file = builder.Parse();
+absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const GgufBuilder& builder) {
+  const std::vector<uint8_t> bytes = builder.Build();
+  auto file = GgufFile::Parse(bytes);
   if (!file.ok()) return file.status();
   return Tokenizer::FromGguf(**file);
 }
@@ -82,12 +83,12 @@ TEST(GgufVocabTest, UserDefinedTokensAreAlwaysMatched) {
 
 TEST(GgufVocabTest, BosEosAndExtraEndOfGenerationKeys) {
   GgufBuilder b = BpeVocab();
-  b.Uint32("tokenizer.ggml.bos_token_id", 7)
-      .Uint32("tokenizer.ggml.eos_token_id", 7)
-      .Uint32("tokenizer.ggml.eot_token_id", 9)
-      .Bool("tokenizer.ggml.add_bos_token", true)
-      .Bool("tokenizer.ggml.add_eos_token", true)
-      .String("tokenizer.chat_template", "{{ messages }}");
+  b.SetU32("tokenizer.ggml.bos_token_id", 7)
+      .SetU32("tokenizer.ggml.eos_token_id", 7)
+      .SetU32("tokenizer.ggml.eot_token_id", 9)
+      .SetBool("tokenizer.ggml.add_bos_token", true)
+      .SetBool("tokenizer.ggml.add_eos_token", true)
+      .SetString("tokenizer.chat_template", "{{ messages }}");
   auto tok = Load(b);
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_THAT((*tok)->Encode("ab", true, false), ElementsAre(7, 4, 7));
@@ -97,7 +98,7 @@ TEST(GgufVocabTest, BosEosAndExtraEndOfGenerationKeys) {
 
 TEST(GgufVocabTest, Phi3SpecialTokensSwallowFollowingWhitespace) {
   GgufBuilder b = BpeVocab();
-  b.String("general.name", "Phi-3-mini-4k-instruct");
+  b.SetString("general.name", "Phi-3-mini-4k-instruct");
   auto tok = Load(b);
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_THAT((*tok)->Encode("<|user|>\n a", false, true), ElementsAre(9, 0));
@@ -107,13 +108,13 @@ TEST(GgufVocabTest, Phi3SpecialTokensSwallowFollowingWhitespace) {
 
 TEST(GgufVocabTest, SentencePieceDefaults) {
   GgufBuilder b;
-  b.String("tokenizer.ggml.model", "llama")
-      .StringArray("tokenizer.ggml.tokens", {"<unk>", "<s>", "</s>", "\xE2\x96\x81", "a",
+  b.SetString("tokenizer.ggml.model", "llama")
+      .SetStringArray("tokenizer.ggml.tokens", {"<unk>", "<s>", "</s>", "\xE2\x96\x81", "a",
                                              "\xE2\x96\x81"
                                              "a",
                                              "<0x62>"})
-      .Float32Array("tokenizer.ggml.scores", {0, 0, 0, -1, -2, -0.5f, 0})
-      .Int32Array("tokenizer.ggml.token_type", {2, 3, 3, 1, 1, 1, 6});
+      .SetF32Array("tokenizer.ggml.scores", {0, 0, 0, -1, -2, -0.5f, 0})
+      .SetI32Array("tokenizer.ggml.token_type", {2, 3, 3, 1, 1, 1, 6});
   auto tok = Load(b);
   ASSERT_TRUE(tok.ok()) << tok.status();
   EXPECT_TRUE((*tok)->add_bos());
@@ -124,8 +125,8 @@ TEST(GgufVocabTest, SentencePieceDefaults) {
   EXPECT_THAT((*tok)->Encode("z", false, false), ElementsAre(3, 0));
 
   GgufBuilder no_prefix = b;
-  no_prefix.Bool("tokenizer.ggml.add_space_prefix", false)
-      .Bool("tokenizer.ggml.add_bos_token", false);
+  no_prefix.SetBool("tokenizer.ggml.add_space_prefix", false)
+      .SetBool("tokenizer.ggml.add_bos_token", false);
   auto tok2 = Load(no_prefix);
   ASSERT_TRUE(tok2.ok()) << tok2.status();
   EXPECT_THAT((*tok2)->Encode("a b", true, false), ElementsAre(4, 3, 6));
@@ -135,72 +136,72 @@ TEST(GgufVocabTest, BrokenMetadataIsReported) {
   EXPECT_THAT(ErrorOf(GgufBuilder()), HasSubstr("tokenizer.ggml.model"));
 
   GgufBuilder unknown_model;
-  unknown_model.String("tokenizer.ggml.model", "bert").StringArray("tokenizer.ggml.tokens", {"a"});
+  unknown_model.SetString("tokenizer.ggml.model", "bert").SetStringArray("tokenizer.ggml.tokens", {"a"});
   EXPECT_THAT(ErrorOf(unknown_model), HasSubstr("unsupported tokenizer model 'bert'"));
 
   GgufBuilder no_tokens;
-  no_tokens.String("tokenizer.ggml.model", "llama");
+  no_tokens.SetString("tokenizer.ggml.model", "llama");
   EXPECT_THAT(ErrorOf(no_tokens), HasSubstr("tokenizer.ggml.tokens"));
 
   GgufBuilder tokens_not_strings;
-  tokens_not_strings.String("tokenizer.ggml.model", "llama")
-      .Int32Array("tokenizer.ggml.tokens", {1, 2});
+  tokens_not_strings.SetString("tokenizer.ggml.model", "llama")
+      .SetI32Array("tokenizer.ggml.tokens", {1, 2});
   EXPECT_THAT(ErrorOf(tokens_not_strings), HasSubstr("tokenizer.ggml.tokens"));
 
   GgufBuilder short_scores;
-  short_scores.String("tokenizer.ggml.model", "llama")
-      .StringArray("tokenizer.ggml.tokens", {"a", "b"})
-      .Float32Array("tokenizer.ggml.scores", {0});
+  short_scores.SetString("tokenizer.ggml.model", "llama")
+      .SetStringArray("tokenizer.ggml.tokens", {"a", "b"})
+      .SetF32Array("tokenizer.ggml.scores", {0});
   EXPECT_THAT(ErrorOf(short_scores), HasSubstr("tokenizer.ggml.scores"));
 
   GgufBuilder short_types;
-  short_types.String("tokenizer.ggml.model", "llama")
-      .StringArray("tokenizer.ggml.tokens", {"a", "b"})
-      .Int32Array("tokenizer.ggml.token_type", {1, 1, 1});
+  short_types.SetString("tokenizer.ggml.model", "llama")
+      .SetStringArray("tokenizer.ggml.tokens", {"a", "b"})
+      .SetI32Array("tokenizer.ggml.token_type", {1, 1, 1});
   EXPECT_THAT(ErrorOf(short_types), HasSubstr("tokenizer.ggml.token_type"));
 
   GgufBuilder no_merges;
-  no_merges.String("tokenizer.ggml.model", "gpt2").StringArray("tokenizer.ggml.tokens", {"a"});
+  no_merges.SetString("tokenizer.ggml.model", "gpt2").SetStringArray("tokenizer.ggml.tokens", {"a"});
   EXPECT_THAT(ErrorOf(no_merges), HasSubstr("tokenizer.ggml.merges"));
 
   GgufBuilder bad_merge = BpeVocab();
-  bad_merge.StringArray("tokenizer.ggml.merges", {"ab"});
+  bad_merge.SetStringArray("tokenizer.ggml.merges", {"ab"});
   // A second merges key is a duplicate, which the GGUF parser rejects; build
   // the vocabulary afresh instead.
   GgufBuilder bad_merge_line;
-  bad_merge_line.String("tokenizer.ggml.model", "gpt2")
-      .StringArray("tokenizer.ggml.tokens", {"a", "b", "ab"})
-      .StringArray("tokenizer.ggml.merges", {"a b", "ab"});
+  bad_merge_line.SetString("tokenizer.ggml.model", "gpt2")
+      .SetStringArray("tokenizer.ggml.tokens", {"a", "b", "ab"})
+      .SetStringArray("tokenizer.ggml.merges", {"a b", "ab"});
   EXPECT_THAT(ErrorOf(bad_merge_line), HasSubstr("tokenizer.ggml.merges"));
   EXPECT_FALSE(Load(bad_merge).ok());
 
   GgufBuilder unknown_pre;
-  unknown_pre.String("tokenizer.ggml.model", "gpt2")
-      .String("tokenizer.ggml.pre", "no-such-pre")
-      .StringArray("tokenizer.ggml.tokens", {"a"})
-      .StringArray("tokenizer.ggml.merges", {});
+  unknown_pre.SetString("tokenizer.ggml.model", "gpt2")
+      .SetString("tokenizer.ggml.pre", "no-such-pre")
+      .SetStringArray("tokenizer.ggml.tokens", {"a"})
+      .SetStringArray("tokenizer.ggml.merges", {});
   EXPECT_THAT(ErrorOf(unknown_pre), HasSubstr("unknown pre-tokenizer type 'no-such-pre'"));
 
   GgufBuilder bos_out_of_range = BpeVocab();
-  bos_out_of_range.Uint32("tokenizer.ggml.bos_token_id", 1000);
+  bos_out_of_range.SetU32("tokenizer.ggml.bos_token_id", 1000);
   EXPECT_THAT(ErrorOf(bos_out_of_range), HasSubstr("tokenizer.ggml.bos_token_id"));
 
   GgufBuilder add_bos_without_bos = BpeVocab();
-  add_bos_without_bos.Bool("tokenizer.ggml.add_bos_token", true);
+  add_bos_without_bos.SetBool("tokenizer.ggml.add_bos_token", true);
   EXPECT_THAT(ErrorOf(add_bos_without_bos), HasSubstr("bos_token_id is not set"));
 
   GgufBuilder duplicate;
-  duplicate.String("tokenizer.ggml.model", "llama")
-      .StringArray("tokenizer.ggml.tokens", {"a", "b", "a"});
+  duplicate.SetString("tokenizer.ggml.model", "llama")
+      .SetStringArray("tokenizer.ggml.tokens", {"a", "b", "a"});
   EXPECT_THAT(ErrorOf(duplicate), HasSubstr("duplicate token 'a'"));
 
   GgufBuilder wrong_type = BpeVocab();
-  wrong_type.String("tokenizer.ggml.add_bos_token", "yes");
+  wrong_type.SetString("tokenizer.ggml.add_bos_token", "yes");
   EXPECT_THAT(ErrorOf(wrong_type), HasSubstr("tokenizer.ggml.add_bos_token"));
 }
 
 TEST(GgufVocabTest, TruncatedFilesNeverCrash) {
-  const std::vector<uint8_t> bytes = BpeVocab().Bytes();
+  const std::vector<uint8_t> bytes = BpeVocab().Build();
   for (size_t n = 0; n < bytes.size(); n += 7) {
     const std::vector<uint8_t> prefix(bytes.begin(), bytes.begin() + n);
     auto file = GgufFile::Parse(prefix);
