@@ -1,19 +1,43 @@
 #include "common/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace morphserve {
+namespace {
+
+// How long an idle worker polls for the next call before it sleeps.
+constexpr std::chrono::microseconds kSpinTime(200);
+// Chunks per thread: enough to balance uneven progress, few enough that
+// claiming costs nothing next to the work.
+constexpr int64_t kChunksPerThread = 4;
+
+inline void CpuRelax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+uint32_t CallOf(uint64_t claim) { return static_cast<uint32_t>(claim >> 32); }
+
+}  // namespace
 
 ThreadPool::ThreadPool(int num_threads) {
   const int workers = std::max(0, num_threads - 1);
   workers_.reserve(workers);
-  for (int i = 0; i < workers; ++i) workers_.emplace_back([this, i] { WorkerLoop(i + 1); });
+  for (int i = 0; i < workers; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (std::thread& t : workers_) t.join();
@@ -24,55 +48,76 @@ int ThreadPool::DefaultThreads() {
   return n == 0 ? 1 : static_cast<int>(n);
 }
 
-void ThreadPool::RunShare(int index) {
-  // Static partition: share `index` of num_threads() gets a contiguous range of
-  // whole grains, so the split is deterministic (same result, same order).
-  const int64_t grains = (n_ + grain_ - 1) / grain_;
-  const int64_t parts = num_threads();
-  const int64_t g0 = grains * index / parts;
-  const int64_t g1 = grains * (index + 1) / parts;
-  const int64_t begin = g0 * grain_;
-  const int64_t end = std::min(n_, g1 * grain_);
-  if (begin < end) (*fn_)(begin, end);
+void ThreadPool::RunChunks(uint32_t call) {
+  uint64_t claim = claim_.load(std::memory_order_acquire);
+  for (;;) {
+    if (CallOf(claim) != call) return;
+    const int64_t index = static_cast<int64_t>(claim & 0xffffffffu);
+    const int64_t chunks = chunks_.load(std::memory_order_relaxed);
+    if (index >= chunks) return;
+    if (!claim_.compare_exchange_weak(claim, claim + 1, std::memory_order_acq_rel)) continue;
+    // The claim succeeded, so the call cannot end before this chunk does.
+    const int64_t n = n_.load(std::memory_order_relaxed);
+    const int64_t grain = grain_.load(std::memory_order_relaxed);
+    const int64_t grains = (n + grain - 1) / grain;
+    const int64_t begin = grains * index / chunks * grain;
+    const int64_t end = std::min(n, grains * (index + 1) / chunks * grain);
+    if (begin < end) (*fn_.load(std::memory_order_relaxed))(begin, end);
+    done_.fetch_add(1, std::memory_order_acq_rel);
+    claim = claim_.load(std::memory_order_acquire);
+  }
 }
 
 void ThreadPool::ParallelFor(int64_t n, int64_t grain,
                              const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(1, grain);
-  if (workers_.empty() || n <= grain) {
+  const int64_t grains = (n + grain - 1) / grain;
+  if (workers_.empty() || grains <= 1) {
     fn(0, n);
     return;
   }
+  const int64_t chunks = std::min<int64_t>(grains, num_threads() * kChunksPerThread);
+  fn_.store(&fn, std::memory_order_relaxed);
+  n_.store(n, std::memory_order_relaxed);
+  grain_.store(grain, std::memory_order_relaxed);
+  chunks_.store(chunks, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  ++call_;
+  claim_.store(static_cast<uint64_t>(call_) << 32, std::memory_order_release);
   {
+    // Sleeping workers re-check claim_ under the lock, so none misses a call.
     std::lock_guard<std::mutex> lock(mu_);
-    fn_ = &fn;
-    n_ = n;
-    grain_ = grain;
-    pending_ = static_cast<int>(workers_.size());
-    ++generation_;
   }
   wake_.notify_all();
-  RunShare(0);
-  std::unique_lock<std::mutex> lock(mu_);
-  done_.wait(lock, [this] { return pending_ == 0; });
-  fn_ = nullptr;
+  RunChunks(call_);
+  for (int spins = 0; done_.load(std::memory_order_acquire) != chunks; ++spins) {
+    if (spins < 4096) {
+      CpuRelax();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
-void ThreadPool::WorkerLoop(int index) {
-  uint64_t seen = 0;
+void ThreadPool::WorkerLoop() {
+  uint32_t seen = 0;
   for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+    const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+    uint32_t call = CallOf(claim_.load(std::memory_order_acquire));
+    for (int i = 0; call == seen && !stop_.load(std::memory_order_relaxed); ++i) {
+      CpuRelax();
+      if ((i & 255) == 255 && std::chrono::steady_clock::now() > spin_until) {
+        std::unique_lock<std::mutex> lock(mu_);
+        wake_.wait(lock, [&] {
+          return stop_.load() || CallOf(claim_.load(std::memory_order_acquire)) != seen;
+        });
+      }
+      call = CallOf(claim_.load(std::memory_order_acquire));
     }
-    RunShare(index);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (--pending_ == 0) done_.notify_one();
-    }
+    if (stop_.load()) return;
+    seen = call;
+    RunChunks(call);
   }
 }
 

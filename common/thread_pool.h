@@ -1,11 +1,17 @@
 // A fixed set of worker threads for data-parallel loops on the hot path.
 //
-// ParallelFor splits [0, n) into contiguous chunks, runs them on the workers
-// and on the calling thread, and returns when all are done. It allocates
-// nothing per call. One caller at a time: the engine thread owns the pool.
+// ParallelFor splits [0, n) into a fixed set of contiguous chunks that the
+// calling thread and the workers claim one at a time, and returns when all
+// are done. It allocates nothing per call. Decode calls it hundreds of times
+// per token, so idle workers spin briefly on an atomic before sleeping
+// (waking a sleeping thread costs as much as a small matrix product), and
+// the caller never waits for a worker to wake: it runs unclaimed chunks
+// itself, which also keeps a descheduled worker from stalling the call on a
+// busy machine. One caller at a time: the engine thread owns the pool.
 #ifndef MORPHSERVE_COMMON_THREAD_POOL_H_
 #define MORPHSERVE_COMMON_THREAD_POOL_H_
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -26,7 +32,8 @@ class ThreadPool {
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Calls fn(begin, end) over disjoint ranges covering [0, n). Ranges are
-  // multiples of `grain` except the last.
+  // multiples of `grain` except the last; the split depends only on n,
+  // grain and num_threads() (not on which thread runs which range).
   void ParallelFor(int64_t n, int64_t grain,
                    const std::function<void(int64_t, int64_t)>& fn);
 
@@ -34,19 +41,24 @@ class ThreadPool {
   static int DefaultThreads();
 
  private:
-  void WorkerLoop(int index);
-  void RunShare(int index);
+  void WorkerLoop();
+  // Claims and runs chunks of call `call` until none is left.
+  void RunChunks(uint32_t call);
 
   std::vector<std::thread> workers_;
-  std::mutex mu_;
+  // The current call. Written before `claim_` publishes the call; read by a
+  // worker only after it claimed a chunk, which keeps the call open.
+  std::atomic<const std::function<void(int64_t, int64_t)>*> fn_{nullptr};
+  std::atomic<int64_t> n_{0};
+  std::atomic<int64_t> grain_{1};
+  std::atomic<int64_t> chunks_{0};
+  uint32_t call_ = 0;
+  // (call id << 32) | index of the next unclaimed chunk.
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};  // chunks finished in the current call
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;  // only for sleeping and waking
   std::condition_variable wake_;
-  std::condition_variable done_;
-  uint64_t generation_ = 0;  // bumped per ParallelFor call
-  int pending_ = 0;          // workers still running the current call
-  bool stop_ = false;
-  const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
-  int64_t n_ = 0;
-  int64_t grain_ = 1;
 };
 
 }  // namespace morphserve

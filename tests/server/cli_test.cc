@@ -3,6 +3,8 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <string>
@@ -137,6 +139,27 @@ TEST(CliTest, StopStringEndsGenerationWithoutItsText) {
   const nlohmann::json out = nlohmann::json::parse(r.out);
   EXPECT_EQ(out["finish_reason"], "stop");
   EXPECT_EQ(out["text"], text.substr(0, text.find(stop)));
+}
+
+std::string DefaultModelPath() {
+  const char* dir = std::getenv("MORPHSERVE_MODELS_DIR");
+  return std::string(dir != nullptr ? dir : MORPHSERVE_SOURCE_DIR "/models") +
+         "/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+
+TEST(CliTest, DefaultModelAnswersTheCapitalOfFrance) {
+  const std::string model = DefaultModelPath();
+  if (!std::filesystem::exists(model)) {
+    const char* require = std::getenv("MORPHSERVE_REQUIRE_MODELS");
+    if (require != nullptr && std::string(require) == "1") FAIL() << "missing " << model;
+    GTEST_SKIP() << "no " << model << "; run scripts/fetch_model.sh";
+  }
+  const Result r = RunCli("generate --json --max-tokens 48 --threads 2 --model " + model +
+                          " --chat 'What is the capital of France?'");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const nlohmann::json out = nlohmann::json::parse(r.out);
+  EXPECT_THAT(out["text"].get<std::string>(), HasSubstr("Paris"));
+  EXPECT_EQ(out["finish_reason"], "eos");
 }
 
 TEST(CliTest, InfoDescribesTheModel) {
