@@ -32,12 +32,14 @@ double Median(std::vector<double> v) {
 
 int Main(int argc, char** argv) {
   std::string model_path, load_format = "auto";
+  int64_t num_layers = 0;
   int64_t threads = 2, prompt_tokens = 512, gen_tokens = 128, repeats = 3;
   bool json = false;
   cli::ArgParser p("bench_forward --model PATH [options]",
                    "Measures single-sequence prefill and decode tokens/s.");
   p.AddString("model", &model_path, "model file or directory");
   p.AddString("load-format", &load_format, "auto, gguf, safetensors or dummy");
+  p.AddInt("num-layers", &num_layers, "dummy weights only: keep this many layers (0: all)");
   p.AddInt("threads", &threads, "CPU threads");
   p.AddInt("prompt-tokens", &prompt_tokens, "tokens in the prefill measurement");
   p.AddInt("gen-tokens", &gen_tokens, "tokens in the decode measurement");
@@ -55,6 +57,7 @@ int Main(int argc, char** argv) {
     return 2;
   }
   load.format = *format;
+  load.num_layers_override = num_layers;
   auto model = engine::LoadModel(load);
   if (!model.ok()) {
     std::fprintf(stderr, "%s\n", std::string(model.status().message()).c_str());

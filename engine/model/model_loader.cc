@@ -28,6 +28,9 @@ absl::StatusOr<std::unique_ptr<Model>> LoadModel(const ModelLoadOptions& options
   if (format == LoadFormat::kAuto) {
     format = std::filesystem::is_directory(path, ec) ? LoadFormat::kSafetensors : LoadFormat::kGguf;
   }
+  if (options.num_layers_override != 0 && format != LoadFormat::kDummy) {
+    return absl::InvalidArgumentError("a layer-count override applies to dummy weights only");
+  }
   switch (format) {
     case LoadFormat::kGguf:
       return LoadGgufModel(options.path);

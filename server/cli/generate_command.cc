@@ -32,6 +32,7 @@ using Clock = std::chrono::steady_clock;
 struct GenerateOptions {
   std::string model;
   std::string load_format = "auto";
+  int64_t num_layers = 0;
   std::string prompt;
   std::string chat;
   std::string system;
@@ -71,10 +72,11 @@ absl::StatusOr<std::vector<int32_t>> BuildPrompt(const GenerateOptions& o,
                           /*parse_special=*/true);
 }
 
-nlohmann::json LogprobsJson(const engine::SampleResult& r) {
+// The top-N alternatives of one generated token, most likely first.
+nlohmann::json TopLogprobsJson(const engine::SampleResult& r) {
   nlohmann::json top = nlohmann::json::array();
   for (const engine::TokenLogprob& t : r.top) top.push_back({{"id", t.id}, {"logprob", t.logprob}});
-  return {{"id", r.token}, {"logprob", r.logprob}, {"top", std::move(top)}};
+  return top;
 }
 
 absl::Status Run(const GenerateOptions& o) {
@@ -106,6 +108,7 @@ absl::Status Run(const GenerateOptions& o) {
   engine::ModelLoadOptions load;
   load.path = o.model;
   ASSIGN_OR_RETURN(load.format, engine::ParseLoadFormat(o.load_format));
+  load.num_layers_override = o.num_layers;
   const Clock::time_point t_load = Clock::now();
   ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::LoadModel(load));
   if (model->tokenizer == nullptr) {
@@ -156,12 +159,16 @@ absl::Status Run(const GenerateOptions& o) {
 
   std::vector<int32_t> generated;
   nlohmann::json logprobs = nlohmann::json::array();
+  std::vector<float> token_logprobs;
   std::string text;
   engine::FinishReason finish = engine::FinishReason::kNone;
   while (finish == engine::FinishReason::kNone) {
     const engine::SampleResult r = sampler.Sample(std::span<float>(logits).first(cfg.vocab_size));
     generated.push_back(r.token);
-    if (o.logprobs > 0) logprobs.push_back(LogprobsJson(r));
+    if (o.logprobs > 0) {
+      logprobs.push_back(TopLogprobsJson(r));
+      token_logprobs.push_back(r.logprob);
+    }
     const engine::StopChecker::Step step = checker.Push(r.token);
     finish = step.finish;
     text += step.text;
@@ -190,7 +197,10 @@ absl::Status Run(const GenerateOptions& o) {
           {"prefill_seconds", prefill_s},
           {"decode_seconds", decode_s}}},
     };
-    if (o.logprobs > 0) out["logprobs"] = std::move(logprobs);
+    if (o.logprobs > 0) {
+      out["logprobs"] = std::move(logprobs);
+      out["token_logprobs"] = token_logprobs;
+    }
     std::puts(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
   } else {
     std::puts("");
@@ -211,6 +221,7 @@ int GenerateCommand(int argc, char** argv, int first) {
               "Generates text for one prompt and streams it to stdout.");
   p.AddString("model", &o.model, "model: a .gguf file or a Hugging Face directory");
   p.AddString("load-format", &o.load_format, "auto, gguf, safetensors or dummy");
+  p.AddInt("num-layers", &o.num_layers, "dummy weights only: keep this many layers (0: all)");
   p.AddString("prompt", &o.prompt, "raw prompt text (BOS added as the model requires)");
   p.AddString("chat", &o.chat, "a user message, formatted with the model's chat template");
   p.AddString("system", &o.system, "system message for --chat");
@@ -226,7 +237,9 @@ int GenerateCommand(int argc, char** argv, int first) {
   p.AddFloat("presence-penalty", &o.presence_penalty, "subtracted once from seen output tokens");
   p.AddFloat("frequency-penalty", &o.frequency_penalty, "subtracted per occurrence in output");
   p.AddInt("seed", &o.seed, "random seed (-1: random); same seed, same output");
-  p.AddInt("logprobs", &o.logprobs, "report the top-N log-probabilities per token (with --json)");
+  p.AddInt("logprobs", &o.logprobs,
+           "with --json: the top-N alternatives of each token (`logprobs`) and the chosen "
+           "token's log-probability (`token_logprobs`)");
   p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
   p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
   p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");

@@ -18,9 +18,10 @@ void CountMatrix(const engine::Matrix& m, std::map<std::string, int64_t>* params
   if (!m.empty()) (*params)[std::string(DTypeName(m.dtype))] += m.rows * m.cols;
 }
 
-absl::Status Run(const std::string& path, const std::string& load_format) {
+absl::Status Run(const std::string& path, const std::string& load_format, int64_t num_layers) {
   engine::ModelLoadOptions load;
   load.path = path;
+  load.num_layers_override = num_layers;
   ASSIGN_OR_RETURN(load.format, engine::ParseLoadFormat(load_format));
   ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::LoadModel(load));
   const engine::ModelConfig& c = model->config;
@@ -77,10 +78,12 @@ absl::Status Run(const std::string& path, const std::string& load_format) {
 
 int InfoCommand(int argc, char** argv, int first) {
   std::string model, load_format = "auto";
+  int64_t num_layers = 0;
   ArgParser p("morphserve info --model PATH", "Describes a model: architecture, shapes, dtypes, "
                                               "tokenizer and chat template.");
   p.AddString("model", &model, "a .gguf file or a Hugging Face directory");
   p.AddString("load-format", &load_format, "auto, gguf, safetensors or dummy");
+  p.AddInt("num-layers", &num_layers, "dummy weights only: keep this many layers (0: all)");
   if (absl::Status s = p.Parse(argc, argv, first); !s.ok()) {
     std::fprintf(stderr, "morphserve info: %s\n", std::string(s.message()).c_str());
     return 2;
@@ -93,7 +96,7 @@ int InfoCommand(int argc, char** argv, int first) {
     std::fprintf(stderr, "morphserve info: --model is required\n");
     return 2;
   }
-  if (absl::Status s = Run(model, load_format); !s.ok()) {
+  if (absl::Status s = Run(model, load_format, num_layers); !s.ok()) {
     std::fprintf(stderr, "morphserve info: %s\n", std::string(s.message()).c_str());
     return 1;
   }

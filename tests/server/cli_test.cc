@@ -119,10 +119,13 @@ TEST(CliTest, SeededSamplingIsReproducibleAndLogprobsAreReported) {
   EXPECT_EQ(nlohmann::json::parse(a.out)["tokens"], nlohmann::json::parse(b.out)["tokens"]);
   const nlohmann::json out = nlohmann::json::parse(a.out);
   ASSERT_EQ(out["logprobs"].size(), 12u);
+  ASSERT_EQ(out["token_logprobs"].size(), 12u);
   const auto& first = out["logprobs"][0];
-  ASSERT_EQ(first["top"].size(), 3u);
-  EXPECT_GE(first["top"][0]["logprob"].get<double>(), first["top"][1]["logprob"].get<double>());
-  EXPECT_LE(first["logprob"].get<double>(), 0.0);
+  ASSERT_EQ(first.size(), 3u);
+  EXPECT_GE(first[0]["logprob"].get<double>(), first[1]["logprob"].get<double>());
+  EXPECT_GE(first[1]["logprob"].get<double>(), first[2]["logprob"].get<double>());
+  EXPECT_LE(first[0]["logprob"].get<double>(), 0.0);
+  EXPECT_LE(out["token_logprobs"][0].get<double>(), first[0]["logprob"].get<double>());
 }
 
 TEST(CliTest, StopStringEndsGenerationWithoutItsText) {
@@ -160,6 +163,28 @@ TEST(CliTest, DefaultModelAnswersTheCapitalOfFrance) {
   const nlohmann::json out = nlohmann::json::parse(r.out);
   EXPECT_THAT(out["text"].get<std::string>(), HasSubstr("Paris"));
   EXPECT_EQ(out["finish_reason"], "eos");
+}
+
+TEST(CliTest, DummyWeightsFollowTheConfigAndTheLayerOverride) {
+  const std::string dir = ::testing::TempDir() + "/cli_dummy_model";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir + "/config.json") << R"({
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
+    "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 2,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+    "vocab_size": 1000, "tie_word_embeddings": false})";
+  Result r = RunCli("info --load-format dummy --num-layers 2 --model " + dir);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_THAT(r.out, HasSubstr("layers:             2"));
+  EXPECT_THAT(r.out, HasSubstr("heads / kv heads:   8 / 2 (head dim 32)"));
+  EXPECT_THAT(r.out, HasSubstr("BF16"));
+  // Without a tokenizer.json, text generation is refused clearly.
+  r = RunCli("generate --load-format dummy --model " + dir + " --prompt hi", true);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, HasSubstr("tokenizer"));
+  r = RunCli("info --num-layers 2 --model " + kTinyModel, true);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.out, HasSubstr("dummy weights only"));
 }
 
 TEST(CliTest, InfoDescribesTheModel) {
