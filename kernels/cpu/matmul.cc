@@ -59,15 +59,17 @@ bool HasF16c() {
 }
 #endif
 
-// Bytes of one quantized activation row, padded to a cache line.
+// Bytes of one quantized activation row (int16 values, then the block
+// scales), padded to a cache line.
 size_t ActRowBytes(ActKind kind, int64_t cols) {
+  const size_t values = static_cast<size_t>(cols) * sizeof(int16_t);
   switch (kind) {
     case ActKind::kFloat:
       return 0;
     case ActKind::kBlock32:
-      return RoundUp(static_cast<size_t>(cols / kQK) * sizeof(ActBlock32), kAlign);
+      return RoundUp(values + static_cast<size_t>(cols / kQK) * sizeof(ActScale32), kAlign);
     case ActKind::kSuperBlock:
-      return RoundUp(static_cast<size_t>(cols / kQKK) * sizeof(ActBlockK), kAlign);
+      return RoundUp(values + static_cast<size_t>(cols / kQKK) * sizeof(ActScaleK), kAlign);
   }
   return 0;
 }

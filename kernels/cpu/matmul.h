@@ -35,7 +35,9 @@ void MatMulReference(const MatMulArgs& args);
 
 // Fast path (SIMD chosen at run time, split over the pool's threads).
 // Agrees with the reference within the quantization of X where the weight
-// type is quantized (activations are quantized to 8 bits per block).
+// type is quantized (activations are quantized to 16 bits per block). Each
+// output depends only on its weight row and token row: it is bit-identical
+// whatever n_tokens, the other rows and the thread count.
 // `scratch` holds at least MatMulScratchBytes(args) bytes.
 void MatMul(const MatMulArgs& args, void* scratch, ThreadPool* pool);
 size_t MatMulScratchBytes(DType w_type, int64_t cols, int64_t n_tokens);

@@ -23,12 +23,18 @@
 namespace morphserve::kernels::internal {
 namespace {
 
-inline __m256i DotU8S8(__m256i u, __m256i s) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
+constexpr int kVectorRegs = 16;
 
 inline __m256i MaddAcc(__m256i acc, __m256i a, __m256i b) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+
+inline __m256i AddBit4(__m256i v, uint32_t bits) {
+  const __m256i lane_bit = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                             4096, 8192, 16384, -32768);
+  const __m256i set = _mm256_cmpeq_epi16(
+      _mm256_and_si256(_mm256_set1_epi16(static_cast<int16_t>(bits)), lane_bit), lane_bit);
+  return _mm256_or_si256(v, _mm256_and_si256(set, _mm256_set1_epi16(16)));
 }
 
 #include "kernels/cpu/matmul_x86_kernels.inc"

@@ -1,7 +1,8 @@
 // MatMul kernels for CPUs with AVX-512 VNNI: the x86 kernels with the
-// integer dot products fused into vpdpbusd / vpdpwssd. They stay on 256-bit
-// vectors: processing two blocks per 512-bit vector measured no faster on
-// Zen 4 (which splits 512-bit operations) and costs clock speed elsewhere.
+// int16 dot products fused into vpdpwssd, 32 vector registers, and masked
+// adds for the fifth weight bits. They stay on 256-bit vectors: processing
+// two blocks per 512-bit vector measured no faster on Zen 4 (which splits
+// 512-bit operations) and costs clock speed elsewhere.
 #include "kernels/cpu/matmul_internal.h"
 
 #if MORPHSERVE_KERNELS_X86
@@ -25,11 +26,13 @@
 namespace morphserve::kernels::internal {
 namespace {
 
-inline __m256i DotU8S8(__m256i u, __m256i s) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-}
+constexpr int kVectorRegs = 32;
 
 inline __m256i MaddAcc(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
+
+inline __m256i AddBit4(__m256i v, uint32_t bits) {
+  return _mm256_mask_add_epi16(v, static_cast<__mmask16>(bits), v, _mm256_set1_epi16(16));
+}
 
 #include "kernels/cpu/matmul_x86_kernels.inc"
 

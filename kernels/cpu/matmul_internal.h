@@ -28,13 +28,14 @@ enum class Isa {
 
 inline constexpr int kNumDTypes = static_cast<int>(DType::kQ8_K) + 1;
 
-// Quantizes one activation row of `n` elements (a multiple of the block) into
-// ActBlock32 (block32) or ActBlockK (super-block) blocks at `out`.
+// Quantizes one activation row of `n` elements (a multiple of the block) to
+// int16 at `out`, followed by ActScale32 (block32) or ActScaleK (super-block)
+// records: the layout described in quant_blocks.h.
 using QuantizeRowFn = void (*)(const float* x, int64_t n, void* out);
 
 // For t in [0, n_tok): y[t * y_stride] = dot(weight row, activation row t),
 // where activation row t starts `act_stride` bytes after row t - 1 and is
-// f32 for F32/F16/BF16 weights and quantized blocks otherwise.
+// f32 for F32/F16/BF16 weights and a quantized row otherwise.
 using RowDotFn = void (*)(const void* w_row, int64_t cols, const void* act, size_t act_stride,
                           int64_t n_tok, float* y, int64_t y_stride);
 

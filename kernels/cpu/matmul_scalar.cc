@@ -1,6 +1,7 @@
 // Portable MatMul kernels: the fallback for CPUs without AVX2 and the
-// baseline the SIMD variants are tested against. Integer dot products over
-// the same quantized activations as the SIMD kernels.
+// baseline the SIMD variants are tested against. The same quantized
+// activations and exact integer dot products as the SIMD kernels; only the
+// order and rounding of the f32 sums differ.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -15,88 +16,94 @@ namespace {
 // Tokens sharing one pass over a weight block.
 constexpr int64_t kTokGroup = 4;
 
+float AbsMax(const float* x, int n) {
+  float amax = 0.0f;
+  for (int j = 0; j < n; ++j) amax = std::max(amax, std::fabs(x[j]));
+  return amax;
+}
+
+// Quantizes n values with inverse scale `id`; returns the sum of the quants.
+int QuantizeValues(const float* x, int n, float id, int16_t* q) {
+  int sum = 0;
+  for (int j = 0; j < n; ++j) {
+    q[j] = static_cast<int16_t>(std::nearbyint(x[j] * id));
+    sum += q[j];
+  }
+  return sum;
+}
+
 void QuantizeBlock32(const float* x, int64_t n, void* out) {
-  auto* b = static_cast<ActBlock32*>(out);
-  for (int64_t i = 0; i < n / kQK; ++i, x += kQK) {
-    float amax = 0.0f;
-    for (int j = 0; j < kQK; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    int sum = 0;
-    for (int j = 0; j < kQK; ++j) {
-      const int q = static_cast<int>(std::nearbyint(x[j] * id));
-      b[i].qs[j] = static_cast<int8_t>(q);
-      sum += q;
-    }
-    b[i].d = amax / 127.0f;
-    b[i].sum = b[i].d * static_cast<float>(sum);
+  auto* q = static_cast<int16_t*>(out);
+  ActScale32* scales = ActScales<ActScale32>(out, n);
+  for (int64_t b = 0; b < n / kQK; ++b) {
+    const float amax = AbsMax(x + kQK * b, kQK);
+    const int sum = QuantizeValues(x + kQK * b, kQK, ActInverseScale(amax), q + kQK * b);
+    scales[b].d = amax / kActMax;
+    scales[b].sum = scales[b].d * static_cast<float>(sum);
   }
 }
 
 void QuantizeSuperBlock(const float* x, int64_t n, void* out) {
-  auto* b = static_cast<ActBlockK*>(out);
-  for (int64_t i = 0; i < n / kQKK; ++i, x += kQKK) {
-    float amax = 0.0f;
-    for (int j = 0; j < kQKK; ++j) amax = std::max(amax, std::fabs(x[j]));
-    const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-    for (int g = 0; g < kQKK / 16; ++g) {
-      int sum = 0;
-      for (int j = 16 * g; j < 16 * g + 16; ++j) {
-        const int q = static_cast<int>(std::nearbyint(x[j] * id));
-        b[i].qs[j] = static_cast<int8_t>(q);
-        sum += q;
-      }
-      b[i].bsums[g] = static_cast<int16_t>(sum);
+  auto* q = static_cast<int16_t*>(out);
+  ActScaleK* scales = ActScales<ActScaleK>(out, n);
+  for (int64_t b = 0; b < n / kQKK; ++b) {
+    const float* xb = x + kQKK * b;
+    const float amax = AbsMax(xb, kQKK);
+    const float id = ActInverseScale(amax);
+    for (int s = 0; s < kQKK / kQK; ++s) {
+      scales[b].sums[s] = QuantizeValues(xb + kQK * s, kQK, id, q + kQKK * b + kQK * s);
     }
-    b[i].d = amax / 127.0f;
+    scales[b].d = amax / kActMax;
   }
 }
 
-template <typename Act>
-const Act* ActRow(const void* act, size_t stride, int64_t t) {
-  return reinterpret_cast<const Act*>(static_cast<const char*>(act) + stride * t);
+// Row t of the activations, `stride` bytes apart: f32 or int16 values.
+template <typename T>
+const T* ActRow(const void* act, size_t stride, int64_t t) {
+  return reinterpret_cast<const T*>(static_cast<const char*>(act) + stride * t);
 }
 
-// A block of 32 as value[j] = d * q[j] + m.
+// A block of 32 as value[j] = d * q[j] + m (m = 0 but for Q4_1 and Q5_1).
 struct Unpacked32 {
   int q[kQK];
   float d;
   float m;
 };
 
-void UnpackNibbles(const uint8_t* qs, int* q) {
+void UnpackNibbles(const uint8_t* qs, int offset, int* q) {
   for (int j = 0; j < kQK / 2; ++j) {
-    q[j] = qs[j] & 15;
-    q[j + kQK / 2] = qs[j] >> 4;
+    q[j] = (qs[j] & 15) - offset;
+    q[j + kQK / 2] = (qs[j] >> 4) - offset;
   }
 }
 
 void AddHighBits(const uint8_t* qh_bytes, int* q) {
   uint32_t qh;
   std::memcpy(&qh, qh_bytes, sizeof(qh));
-  for (int j = 0; j < kQK; ++j) q[j] |= static_cast<int>(((qh >> j) & 1u) << 4);
+  for (int j = 0; j < kQK; ++j) q[j] += static_cast<int>(((qh >> j) & 1u) << 4);
 }
 
 void Unpack(const BlockQ4_0& b, Unpacked32* u) {
-  UnpackNibbles(b.qs, u->q);
+  UnpackNibbles(b.qs, 8, u->q);
   u->d = HalfToFloat(b.d);
-  u->m = -8.0f * u->d;
+  u->m = 0.0f;
 }
 
 void Unpack(const BlockQ4_1& b, Unpacked32* u) {
-  UnpackNibbles(b.qs, u->q);
+  UnpackNibbles(b.qs, 0, u->q);
   u->d = HalfToFloat(b.d);
   u->m = HalfToFloat(b.m);
 }
 
 void Unpack(const BlockQ5_0& b, Unpacked32* u) {
-  UnpackNibbles(b.qs, u->q);
+  UnpackNibbles(b.qs, 16, u->q);
   AddHighBits(b.qh, u->q);
   u->d = HalfToFloat(b.d);
-  u->m = -16.0f * u->d;
+  u->m = 0.0f;
 }
 
 void Unpack(const BlockQ5_1& b, Unpacked32* u) {
-  UnpackNibbles(b.qs, u->q);
+  UnpackNibbles(b.qs, 0, u->q);
   AddHighBits(b.qh, u->q);
   u->d = HalfToFloat(b.d);
   u->m = HalfToFloat(b.m);
@@ -121,9 +128,12 @@ void DotBlock32(const void* w_row, int64_t cols, const void* act, size_t act_str
     for (int64_t b = 0; b < nb; ++b) {
       Unpack(w[b], &u);
       for (int64_t t = 0; t < nt; ++t) {
-        const ActBlock32& a = ActRow<ActBlock32>(act, act_stride, t0 + t)[b];
+        const int16_t* row = ActRow<int16_t>(act, act_stride, t0 + t);
+        const int16_t* x = row + kQK * b;
+        const ActScale32& a = ActScales<ActScale32>(row, cols)[b];
+        // |isum| <= 32 * 128 * 32767 < 2^31 (Q8_0; the others are smaller).
         int isum = 0;
-        for (int j = 0; j < kQK; ++j) isum += u.q[j] * a.qs[j];
+        for (int j = 0; j < kQK; ++j) isum += u.q[j] * x[j];
         acc[t] += u.d * a.d * static_cast<float>(isum) + u.m * a.sum;
       }
     }
@@ -131,12 +141,13 @@ void DotBlock32(const void* w_row, int64_t cols, const void* act, size_t act_str
   }
 }
 
-// A K-quant super-block as value = d * sc[g] * q - dmin * mn[g] for each
-// group g of 16 (Q4_K/Q5_K repeat their 32-element scales over two groups).
+// A K-quant super-block as value = d * sc[g] * q - dmin * mn[g / 2] for each
+// group g of 16 (Q4_K/Q5_K repeat their 32-element scales over two groups;
+// Q6_K has q signed and no mins).
 struct UnpackedK {
   int q[kQKK];
   int sc[kQKK / 16];
-  int mn[kQKK / 16];
+  int mn[kQKK / 32];
   float d;
   float dmin;
 };
@@ -145,10 +156,8 @@ void UnpackScaleGroupsK4(const uint8_t* scales, UnpackedK* u) {
   uint8_t sc[8];
   uint8_t m[8];
   UnpackScalesK4(scales, sc, m);
-  for (int g = 0; g < kQKK / 16; ++g) {
-    u->sc[g] = sc[g / 2];
-    u->mn[g] = m[g / 2];
-  }
+  for (int g = 0; g < kQKK / 16; ++g) u->sc[g] = sc[g / 2];
+  for (int s = 0; s < kQKK / 32; ++s) u->mn[s] = m[s];
 }
 
 void Unpack(const BlockQ4K& b, UnpackedK* u) {
@@ -181,18 +190,16 @@ void Unpack(const BlockQ6K& b, UnpackedK* u) {
     const uint8_t* qh = b.qh + 32 * h;
     int* q = u->q + 128 * h;
     for (int l = 0; l < 32; ++l) {
-      q[l] = (ql[l] & 15) | ((qh[l] & 3) << 4);
-      q[l + 32] = (ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4);
-      q[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-      q[l + 96] = (ql[l + 32] >> 4) | ((qh[l] >> 6) << 4);
+      q[l] = ((ql[l] & 15) | ((qh[l] & 3) << 4)) - 32;
+      q[l + 32] = ((ql[l + 32] & 15) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      q[l + 96] = ((ql[l + 32] >> 4) | ((qh[l] >> 6) << 4)) - 32;
     }
   }
-  for (int g = 0; g < kQKK / 16; ++g) {
-    u->sc[g] = b.scales[g];
-    u->mn[g] = 32 * b.scales[g];
-  }
+  for (int g = 0; g < kQKK / 16; ++g) u->sc[g] = b.scales[g];
+  for (int s = 0; s < kQKK / 32; ++s) u->mn[s] = 0;
   u->d = HalfToFloat(b.d);
-  u->dmin = u->d;
+  u->dmin = 0.0f;
 }
 
 template <typename Block>
@@ -207,15 +214,20 @@ void DotSuperBlock(const void* w_row, int64_t cols, const void* act, size_t act_
     for (int64_t b = 0; b < nb; ++b) {
       Unpack(w[b], &u);
       for (int64_t t = 0; t < nt; ++t) {
-        const ActBlockK& a = ActRow<ActBlockK>(act, act_stride, t0 + t)[b];
-        int sumi = 0;
-        int summ = 0;
+        const int16_t* row = ActRow<int16_t>(act, act_stride, t0 + t);
+        const int16_t* x = row + kQKK * b;
+        const ActScaleK& a = ActScales<ActScaleK>(row, cols)[b];
+        // A group's sum is at most 16 * 32 * 32767 < 2^31 (Q6_K); scaled,
+        // the super-block's may not be, so it is summed in 64 bits.
+        int64_t sumi = 0;
         for (int g = 0; g < kQKK / 16; ++g) {
           int isum = 0;
-          for (int j = 16 * g; j < 16 * g + 16; ++j) isum += u.q[j] * a.qs[j];
-          sumi += u.sc[g] * isum;
-          summ += u.mn[g] * a.bsums[g];
+          for (int j = 16 * g; j < 16 * g + 16; ++j) isum += u.q[j] * x[j];
+          sumi += int64_t{u.sc[g]} * isum;
         }
+        // |summ| <= 8 * 63 * 32 * 32767 < 2^31.
+        int summ = 0;
+        for (int s = 0; s < kQKK / 32; ++s) summ += u.mn[s] * a.sums[s];
         acc[t] += a.d * (u.d * static_cast<float>(sumi) - u.dmin * static_cast<float>(summ));
       }
     }

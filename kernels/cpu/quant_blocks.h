@@ -1,5 +1,5 @@
 // GGML block layouts of the quantized weight types (as stored in GGUF files)
-// and the 8-bit activation blocks that MatMul quantizes its input into.
+// and the 16-bit activation rows that MatMul quantizes its input into.
 //
 // Half-precision fields are kept as raw uint16_t bits; every block size is
 // even, so blocks inside a 2-byte aligned row are naturally aligned.
@@ -104,24 +104,39 @@ inline void UnpackScalesK4(const uint8_t* s, uint8_t* sc, uint8_t* m) {
   }
 }
 
-// An activation block of 32, quantized symmetrically: x[j] ~= d * qs[j].
-// `sum` is d * sum(qs), used for the weight types with an offset or min.
-struct ActBlock32 {
+// A quantized activation row of n elements (a multiple of 32) is n int16
+// values x[j] ~= d * q[j], then one scale record per block: ActScale32 per
+// 32 elements for the Q4_0..Q8_0 weights, ActScaleK per 256 for the
+// K-quants. Rows start 64-byte aligned, so every block of values does too.
+inline constexpr int kActMax = 32767;  // |q| <= kActMax
+
+struct ActScale32 {
   float d;
-  float sum;
-  int8_t qs[kQK];
+  float sum;  // d * sum(q), for the weight types with a min
 };
 
-// An activation super-block of 256 for the K-quants; bsums are the sums of
-// qs over each group of 16.
-struct ActBlockK {
+struct ActScaleK {
   float d;
-  int16_t bsums[kQKK / 16];
-  int8_t qs[kQKK];
+  int32_t sums[kQKK / 32];  // sum(q) over each sub-block of 32, for the mins
 };
 
-static_assert(sizeof(ActBlock32) == 40);
-static_assert(sizeof(ActBlockK) == 292);
+template <typename Scale>
+inline Scale* ActScales(void* row, int64_t n) {
+  return reinterpret_cast<Scale*>(static_cast<int16_t*>(row) + n);
+}
+template <typename Scale>
+inline const Scale* ActScales(const void* row, int64_t n) {
+  return reinterpret_cast<const Scale*>(static_cast<const int16_t*>(row) + n);
+}
+
+// 1 / d for a block of largest magnitude `amax`: q = nearbyint(x * id) then
+// has |q| <= kActMax, since amax * id stays within a few ulps of kActMax.
+// Blocks below kActTiny quantize to zero: kActMax / amax would overflow near
+// 1e-35, and such values vanish next to any other activation anyway.
+inline constexpr float kActTiny = 1e-30f;
+inline float ActInverseScale(float amax) {
+  return amax >= kActTiny ? static_cast<float>(kActMax) / amax : 0.0f;
+}
 
 }  // namespace morphserve::kernels
 

@@ -27,7 +27,6 @@ TEST(DequantizeTest, BlockStructsMatchDTypeInfo) {
   EXPECT_EQ(sizeof(BlockQ4K), static_cast<size_t>(GetDTypeInfo(DType::kQ4_K).block_bytes));
   EXPECT_EQ(sizeof(BlockQ5K), static_cast<size_t>(GetDTypeInfo(DType::kQ5_K).block_bytes));
   EXPECT_EQ(sizeof(BlockQ6K), static_cast<size_t>(GetDTypeInfo(DType::kQ6_K).block_bytes));
-  EXPECT_EQ(sizeof(ActBlockK), static_cast<size_t>(GetDTypeInfo(DType::kQ8_K).block_bytes));
   for (DType t : kQuantTypes) {
     const int expected = t == DType::kQ4_K || t == DType::kQ5_K || t == DType::kQ6_K ? kQKK : kQK;
     EXPECT_EQ(GetDTypeInfo(t).block_elems, expected) << DTypeName(t);

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common/fp16.h"
 #include "kernels/cpu/dequantize.h"
 #include "kernels/cpu/matmul_internal.h"
 #include "kernels/cpu/quant_blocks.h"
@@ -100,8 +101,8 @@ struct Problem {
   }
 };
 
-// With `exact`, each block of 32 activations holds integers times 2^-7 with
-// one at +-127: 8-bit activation quantization then loses nothing.
+// With `exact`, each block of 32 activations holds integers times 2^-15 with
+// one at +-32767: 16-bit activation quantization then loses nothing.
 Problem MakeProblem(DType type, int64_t rows, int64_t cols, int64_t n_tokens, bool exact,
                     std::mt19937& rng) {
   Problem p{type, rows, cols, n_tokens, cols + 3, rows + 2, {}, {}, {}};
@@ -112,13 +113,14 @@ Problem MakeProblem(DType type, int64_t rows, int64_t cols, int64_t n_tokens, bo
   }
   p.x.assign(static_cast<size_t>(n_tokens * p.x_stride), std::numeric_limits<float>::quiet_NaN());
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
-  std::uniform_int_distribution<int> small_int(-127, 127);
+  std::uniform_int_distribution<int> small_int(-kActMax, kActMax);
   for (int64_t t = 0; t < n_tokens; ++t) {
     float* x = p.x.data() + t * p.x_stride;
     for (int64_t k = 0; k < cols; ++k) {
       if (exact) {
-        x[k] =
-            static_cast<float>(k % 32 == 0 ? ((k / 32) % 2 ? -127 : 127) : small_int(rng)) / 128.0f;
+        x[k] = static_cast<float>(k % 32 == 0 ? ((k / 32) % 2 ? -kActMax : kActMax)
+                                              : small_int(rng)) /
+               32768.0f;
       } else {
         x[k] = uniform(rng) * (k % 97 == 5 ? 8.0f : 1.0f);  // some outliers
       }
@@ -127,8 +129,12 @@ Problem MakeProblem(DType type, int64_t rows, int64_t cols, int64_t n_tokens, bo
   return p;
 }
 
-// Worst-case error of 8-bit symmetric activation quantization (half a step
-// of each activation block, times |w|) plus f32 rounding.
+// Relative f32 rounding allowed for the sum of |w x|.
+constexpr double kF32Rounding = 1e-6;
+
+// Worst-case error of 16-bit symmetric activation quantization (half a step
+// of each activation block, plus the rounding of x / d, times |w|) plus f32
+// rounding.
 double ErrorBound(const Problem& p, int64_t r, int64_t t, bool quantized) {
   const float* w = p.w_f32.data() + r * p.cols;
   const float* x = p.x.data() + t * p.x_stride;
@@ -139,11 +145,11 @@ double ErrorBound(const Problem& p, int64_t r, int64_t t, bool quantized) {
     double amax = 0.0;
     for (int64_t k = k0; k < k0 + block; ++k) amax = std::max(amax, std::fabs(double{x[k]}));
     for (int64_t k = k0; k < k0 + block; ++k) {
-      if (quantized) bound += std::fabs(double{w[k]}) * amax / 254.0;
+      if (quantized) bound += std::fabs(double{w[k]}) * amax * 0.51 / kActMax;
       magnitude += std::fabs(double{w[k]} * x[k]);
     }
   }
-  return bound * 1.001 + 1e-5 * magnitude + 1e-6;
+  return bound + kF32Rounding * magnitude + 1e-7;
 }
 
 std::vector<float> PoisonedY(const Problem& p) {
@@ -217,7 +223,7 @@ TEST_P(MatMulTypeTest, MatchesReferenceWithinActivationQuantization) {
   }
 }
 
-// With activations that 8-bit quantization represents exactly, the integer
+// With activations that 16-bit quantization represents exactly, the integer
 // dot products must reproduce the reference up to f32 rounding.
 TEST_P(MatMulTypeTest, ExactActivationsMatchReferenceTightly) {
   const DType type = GetParam();
@@ -282,6 +288,85 @@ TEST_P(MatMulTypeTest, DefaultEntryPointWithAndWithoutPool) {
   }
 }
 
+// A token's outputs are bit-identical whether it is computed alone, in a
+// small batch or in a large one, on any thread count: the kernels sum each
+// (row, token) product in one order whatever the tiling.
+TEST_P(MatMulTypeTest, OutputsDoNotDependOnTheBatch) {
+  const DType type = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(type) + 500);
+  const int64_t cols = ColsFor(type).back();
+  const Problem p = MakeProblem(type, 21, cols, 38, /*exact=*/false, rng);
+  for (Isa isa : SupportedIsas()) {
+    const std::vector<float> batch = RunMatMul(p, isa, Pool(3));
+    // Sub-batches of 1, 2, 3, 5 and 7 tokens at every offset.
+    for (int64_t n : {1, 2, 3, 5, 7}) {
+      for (int64_t t0 = 0; t0 + n <= p.n_tokens; t0 += n) {
+        std::vector<float> y(static_cast<size_t>(n * p.y_stride));
+        std::vector<uint8_t> scratch(MatMulScratchBytes(type, cols, n));
+        MatMulArgs args = p.Args(y.data());
+        args.x = p.x.data() + t0 * p.x_stride;
+        args.n_tokens = n;
+        internal::MatMulWithIsa(args, scratch.data(), Pool(n % 2 + 1), isa);
+        for (int64_t t = 0; t < n; ++t) {
+          ASSERT_EQ(std::memcmp(y.data() + t * p.y_stride, batch.data() + (t0 + t) * p.y_stride,
+                                static_cast<size_t>(p.rows) * sizeof(float)),
+                    0)
+              << Describe(p, isa, 3) << " token " << t0 + t << " in a batch of " << n;
+        }
+      }
+    }
+  }
+}
+
+// Weights and activations at the extremes of their ranges, signs aligned so
+// that every product adds up: the int32 sums must not overflow.
+TEST_P(MatMulTypeTest, ExtremeValuesDoNotOverflow) {
+  const DType type = GetParam();
+  if (IsFloat(type)) GTEST_SKIP();
+  const DTypeInfo& info = GetDTypeInfo(type);
+  testing::BlockContent c;
+  c.d = FloatToHalf(1.0f);
+  c.m = FloatToHalf(type == DType::kQ4_1 || type == DType::kQ5_1 ? 0.5f : 1.0f);
+  // The quant whose integer factor is largest (negative where signed).
+  const int q = type == DType::kQ8_0                            ? -128
+                : type == DType::kQ4_0 || type == DType::kQ5_0 ? 0
+                : type == DType::kQ4_1 || type == DType::kQ4_K ? 15
+                : type == DType::kQ6_K                          ? 0
+                                                                : 31;
+  c.q.assign(static_cast<size_t>(info.block_elems), q);
+  if (type == DType::kQ4_K || type == DType::kQ5_K) {
+    c.sc.assign(8, 63);
+    c.mins.assign(8, 63);
+  }
+  if (type == DType::kQ6_K) c.sc.assign(16, -128);
+  std::mt19937 rng(7);
+  Problem p = MakeProblem(type, 3, 4 * kQKK, 5, /*exact=*/false, rng);
+  for (size_t i = 0; i < p.w.size(); i += static_cast<size_t>(info.block_bytes)) {
+    testing::EncodeBlock(type, c, p.w.data() + i);
+  }
+  for (int64_t r = 0; r < p.rows; ++r) {
+    DequantizeRow(type, p.w.data() + r * RowBytes(type, p.cols), p.w_f32.data() + r * p.cols,
+                  p.cols);
+  }
+  for (int64_t t = 0; t < p.n_tokens; ++t) {
+    for (int64_t k = 0; k < p.cols; ++k) {
+      p.x[static_cast<size_t>(t * p.x_stride + k)] = p.w_f32[k] < 0 ? -1.0f : 1.0f;
+    }
+  }
+  std::vector<float> ref = PoisonedY(p);
+  MatMulReference(p.Args(ref.data()));
+  for (Isa isa : SupportedIsas()) {
+    const std::vector<float> y = RunMatMul(p, isa, Pool(2));
+    for (int64_t t = 0; t < p.n_tokens; ++t) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const size_t i = static_cast<size_t>(t * p.y_stride + r);
+        ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, /*quantized=*/true))
+            << Describe(p, isa, 2) << " t=" << t << " r=" << r;
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllWeightTypes, MatMulTypeTest,
                          ::testing::Values(DType::kF32, DType::kF16, DType::kBF16, DType::kQ4_0,
                                            DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ8_0,
@@ -307,8 +392,10 @@ TEST(MatMulTest, ReferenceOnHandComputedCase) {
 TEST(MatMulTest, ScratchSize) {
   EXPECT_EQ(MatMulScratchBytes(DType::kF32, 576, 8), 0u);
   EXPECT_EQ(MatMulScratchBytes(DType::kF16, 576, 8), 0u);
-  EXPECT_GE(MatMulScratchBytes(DType::kQ4_1, 576, 8), 8u * 18 * sizeof(ActBlock32));
-  EXPECT_GE(MatMulScratchBytes(DType::kQ6_K, 512, 3), 3u * 2 * sizeof(ActBlockK));
+  EXPECT_GE(MatMulScratchBytes(DType::kQ4_1, 576, 8),
+            8u * (576 * sizeof(int16_t) + 18 * sizeof(ActScale32)));
+  EXPECT_GE(MatMulScratchBytes(DType::kQ6_K, 512, 3),
+            3u * (512 * sizeof(int16_t) + 2 * sizeof(ActScaleK)));
 }
 
 TEST(MatMulTest, EmptyShapesWriteNothing) {
@@ -343,53 +430,61 @@ TEST(MatMulTest, BestIsaIsSupported) {
   EXPECT_TRUE(internal::IsaSupported(internal::BestIsa()));
 }
 
-// Every ISA's activation quantizer yields byte-identical blocks, each within
-// half a step of its input, with consistent sums.
+// Every ISA's activation quantizer yields byte-identical rows, each value
+// within half a step (plus the rounding of x / d) of its input, with
+// consistent sums.
 TEST(MatMulTest, ActivationQuantizersAgree) {
   std::mt19937 rng(9);
   std::uniform_real_distribution<float> uniform(-5.0f, 5.0f);
-  constexpr int64_t kN = 512;
+  constexpr int64_t kN = 768;
   std::vector<float> x(kN);
   for (float& v : x) v = uniform(rng);
   for (int k = 64; k < 96; ++k) x[k] = 0.0f;  // an all-zero block
   x[200] = 1e4f;
+  for (int k = 512; k < 768; ++k) x[k] *= 1e-37f;  // too small to scale
 
-  std::vector<ActBlock32> scalar32(kN / kQK);
-  std::vector<ActBlockK> scalar_k(kN / kQKK);
+  const size_t bytes32 = kN * sizeof(int16_t) + kN / kQK * sizeof(ActScale32);
+  const size_t bytes_k = kN * sizeof(int16_t) + kN / kQKK * sizeof(ActScaleK);
+  std::vector<int16_t> scalar32(bytes32 / sizeof(int16_t));
+  std::vector<int16_t> scalar_k(bytes_k / sizeof(int16_t));
   internal::ScalarKernels().quantize_block32(x.data(), kN, scalar32.data());
   internal::ScalarKernels().quantize_superblock(x.data(), kN, scalar_k.data());
-  for (size_t b = 0; b < scalar32.size(); ++b) {
+  const ActScale32* s32 = ActScales<ActScale32>(scalar32.data(), kN);
+  const ActScaleK* sk = ActScales<ActScaleK>(scalar_k.data(), kN);
+  for (int64_t b = 0; b < kN / kQK; ++b) {
     int sum = 0;
-    for (int j = 0; j < kQK; ++j) {
-      const float v = x[b * kQK + j];
-      EXPECT_LE(std::fabs(scalar32[b].d * scalar32[b].qs[j] - v), 0.5001f * scalar32[b].d + 1e-30f);
-      sum += scalar32[b].qs[j];
-    }
-    EXPECT_FLOAT_EQ(scalar32[b].sum, scalar32[b].d * static_cast<float>(sum));
-  }
-  EXPECT_EQ(scalar32[2].d, 0.0f);
-  for (size_t b = 0; b < scalar_k.size(); ++b) {
-    for (int g = 0; g < kQKK / 16; ++g) {
-      int sum = 0;
-      for (int j = 16 * g; j < 16 * g + 16; ++j) {
-        EXPECT_LE(std::fabs(scalar_k[b].d * scalar_k[b].qs[j] - x[b * kQKK + j]),
-                  0.5001f * scalar_k[b].d);
-        sum += scalar_k[b].qs[j];
+    for (int64_t k = kQK * b; k < kQK * (b + 1); ++k) {
+      if (k >= 512) {
+        EXPECT_EQ(scalar32[k], 0) << k;
+      } else {
+        EXPECT_LE(std::fabs(s32[b].d * scalar32[k] - x[k]), 0.51f * s32[b].d) << k;
       }
-      EXPECT_EQ(scalar_k[b].bsums[g], sum);
+      sum += scalar32[k];
+    }
+    EXPECT_FLOAT_EQ(s32[b].sum, s32[b].d * static_cast<float>(sum));
+  }
+  EXPECT_EQ(s32[2].d, 0.0f);
+  for (int64_t b = 0; b < kN / kQKK; ++b) {
+    for (int s = 0; s < kQKK / kQK; ++s) {
+      int sum = 0;
+      for (int64_t k = kQKK * b + kQK * s; k < kQKK * b + kQK * (s + 1); ++k) {
+        if (k < 512) {
+          EXPECT_LE(std::fabs(sk[b].d * scalar_k[k] - x[k]), 0.51f * sk[b].d) << k;
+        }
+        sum += scalar_k[k];
+      }
+      EXPECT_EQ(sk[b].sums[s], sum);
     }
   }
 
   for (Isa isa : SupportedIsas()) {
     const internal::KernelTable& table = internal::KernelsFor(isa);
-    std::vector<ActBlock32> q32(kN / kQK);
-    std::vector<ActBlockK> qk(kN / kQKK);
+    std::vector<int16_t> q32(scalar32.size());
+    std::vector<int16_t> qk(scalar_k.size());
     table.quantize_block32(x.data(), kN, q32.data());
     table.quantize_superblock(x.data(), kN, qk.data());
-    EXPECT_EQ(std::memcmp(q32.data(), scalar32.data(), q32.size() * sizeof(ActBlock32)), 0)
-        << internal::IsaName(isa);
-    EXPECT_EQ(std::memcmp(qk.data(), scalar_k.data(), qk.size() * sizeof(ActBlockK)), 0)
-        << internal::IsaName(isa);
+    EXPECT_EQ(std::memcmp(q32.data(), scalar32.data(), bytes32), 0) << internal::IsaName(isa);
+    EXPECT_EQ(std::memcmp(qk.data(), scalar_k.data(), bytes_k), 0) << internal::IsaName(isa);
   }
 }
 

@@ -5,8 +5,9 @@
 //  - tests/data/smollm2_q4_1_reference.json: llama.cpp's logits on the same
 //    file (scripts/dev/make_llamacpp_reference.py).
 // The reference kernels must match the exact pass closely; the fast kernels
-// quantize activations to 8 bits (as llama.cpp does), so they agree with both
-// within that quantization noise.
+// use 16-bit activations and must stay within a fraction of a percent of the
+// exact pass; llama.cpp's 8-bit activations put it about 1% away, so it is
+// compared within that noise.
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -152,30 +153,30 @@ TEST_F(SmolLm2Test, ReferenceKernelsMatchTheExactForwardPass) {
   EXPECT_EQ(a.argmax_mismatches, 0);
 }
 
-// 8-bit activations cost about 1% of the logit scale on average here, with
-// rare rows near 20% where a large activation outlier shares a block with
-// small values. llama.cpp's own logits are as far from the exact pass (1.2%
-// on average, worst 15%, greedy token equal on 81 of 85 rows), so the fast
-// kernels must be at least that faithful.
-TEST_F(SmolLm2Test, FastKernelsMatchTheExactForwardPassWithinActivationQuantization) {
-  const Agreement a = Compare(ReadJson("smollm2_q4_1_exact.json"), false, 0.25f);
-  std::printf("fast vs exact: mean %.4f worst %.4f (%s), argmax equal on %d/%d rows\n",
+// The fast kernels quantize activations to 16 bits per block, which keeps
+// them within a fraction of a percent of the exact pass on every row.
+TEST_F(SmolLm2Test, FastKernelsMatchTheExactForwardPass) {
+  const Agreement a = Compare(ReadJson("smollm2_q4_1_exact.json"), false, 0.0f);
+  std::printf("fast vs exact: mean %.2e worst %.2e (%s), argmax equal on %d/%d rows\n",
               a.mean_relative(), a.worst_relative, a.worst_where.c_str(), a.rows_same_argmax,
               a.rows);
-  EXPECT_LT(a.mean_relative(), 0.02);
-  EXPECT_LT(a.worst_relative, 0.3f) << a.worst_where;
-  EXPECT_GE(a.rows_same_argmax, 80);
-  EXPECT_EQ(a.argmax_mismatches, 0);
+  EXPECT_LT(a.mean_relative(), 1e-3);
+  EXPECT_LT(a.worst_relative, 1e-2f) << a.worst_where;
+  EXPECT_EQ(a.rows_same_argmax, a.rows);
 }
 
-TEST_F(SmolLm2Test, FastKernelsMatchLlamaCpp) {
+// llama.cpp rounds activations to 8 bits, which costs it 1.2% of the logit
+// scale on average against the exact pass (worst 15%, greedy token equal on
+// 81 of 85 rows). The comparison is bounded by that noise; greedy tokens must
+// agree wherever the top-2 margin is clearly above it.
+TEST_F(SmolLm2Test, FastKernelsMatchLlamaCppWithinItsRounding) {
   const Agreement a = Compare(ReadJson("smollm2_q4_1_reference.json"), false, 0.25f);
   std::printf("fast vs llama.cpp: mean %.4f worst %.4f (%s), argmax equal on %d/%d rows\n",
               a.mean_relative(), a.worst_relative, a.worst_where.c_str(), a.rows_same_argmax,
               a.rows);
-  EXPECT_LT(a.mean_relative(), 0.025);
-  EXPECT_LT(a.worst_relative, 0.35f) << a.worst_where;
-  EXPECT_GE(a.rows_same_argmax, 80);
+  EXPECT_LT(a.mean_relative(), 0.02);
+  EXPECT_LT(a.worst_relative, 0.2f) << a.worst_where;
+  EXPECT_GE(a.rows_same_argmax, 78);
   EXPECT_EQ(a.argmax_mismatches, 0);
 }
 
