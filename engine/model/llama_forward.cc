@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 
 #include "common/strings.h"
 #include "kernels/cpu/dequantize.h"
@@ -105,28 +106,42 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
     }
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  const int64_t heads = c.num_heads;
-  for (const SequenceInput& seq : batch.sequences) {
+  // Everything the workers need sits in one struct, so the task captures two
+  // pointers and std::function stores it without allocating.
+  struct Task {
     kernels::PagedAttentionArgs args;
-    args.k_cache = kc;
-    args.v_cache = vc;
-    args.block_table = seq.block_table.data();
-    args.block_size = bs;
-    args.num_heads = heads;
-    args.num_kv_heads = c.num_kv_heads;
-    args.head_dim = hd;
-    args.scale = scale;
-    pool_->ParallelFor(seq.num_tokens * heads, 1, [&](int64_t begin, int64_t end) {
-      kernels::PagedAttentionArgs local = args;
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t i = u / heads;
-        const int64_t h = u % heads;
-        const int64_t t = seq.token_offset + i;
-        local.context_len = seq.start_position + i + 1;
-        kernels::PagedAttentionHead(local, &q_[t * c.q_dim() + h * hd], h,
-                                    &attn_[t * c.q_dim() + h * hd]);
-      }
-    });
+    const SequenceInput* seq;
+    const float* q;
+    float* out;
+    int64_t q_dim;
+  } task;
+  task.args.k_cache = kc;
+  task.args.v_cache = vc;
+  task.args.block_size = bs;
+  task.args.num_heads = c.num_heads;
+  task.args.num_kv_heads = c.num_kv_heads;
+  task.args.head_dim = hd;
+  task.args.scale = scale;
+  task.q = q_.data();
+  task.out = attn_.data();
+  task.q_dim = c.q_dim();
+  const std::function<void(int64_t, int64_t)> run = [&task](int64_t begin, int64_t end) {
+    kernels::PagedAttentionArgs local = task.args;
+    const int64_t heads = local.num_heads;
+    const int64_t dim = local.head_dim;
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t i = u / heads;
+      const int64_t h = u % heads;
+      const int64_t t = task.seq->token_offset + i;
+      local.context_len = task.seq->start_position + i + 1;
+      kernels::PagedAttentionHead(local, task.q + t * task.q_dim + h * dim, h,
+                                  task.out + t * task.q_dim + h * dim);
+    }
+  };
+  for (const SequenceInput& seq : batch.sequences) {
+    task.seq = &seq;
+    task.args.block_table = seq.block_table.data();
+    pool_->ParallelFor(seq.num_tokens * c.num_heads, 1, run);
   }
 }
 
