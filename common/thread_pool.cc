@@ -24,7 +24,14 @@ inline void CpuRelax() {
 #endif
 }
 
+// claim_ packs (call id, chunk count, next unclaimed chunk) into one word, so
+// that a claim is checked against the count of its own call: reading the
+// count separately could pair a stale claim with the next call's count, and
+// a worker would then run a chunk that does not exist.
+constexpr int64_t kMaxChunks = 0xffff;
 uint32_t CallOf(uint64_t claim) { return static_cast<uint32_t>(claim >> 32); }
+int64_t ChunksOf(uint64_t claim) { return static_cast<int64_t>((claim >> 16) & 0xffff); }
+int64_t IndexOf(uint64_t claim) { return static_cast<int64_t>(claim & 0xffff); }
 
 }  // namespace
 
@@ -52,11 +59,12 @@ void ThreadPool::RunChunks(uint32_t call) {
   uint64_t claim = claim_.load(std::memory_order_acquire);
   for (;;) {
     if (CallOf(claim) != call) return;
-    const int64_t index = static_cast<int64_t>(claim & 0xffffffffu);
-    const int64_t chunks = chunks_.load(std::memory_order_relaxed);
+    const int64_t index = IndexOf(claim);
+    const int64_t chunks = ChunksOf(claim);
     if (index >= chunks) return;
     if (!claim_.compare_exchange_weak(claim, claim + 1, std::memory_order_acq_rel)) continue;
-    // The claim succeeded, so the call cannot end before this chunk does.
+    // The claim succeeded, so the call cannot end before this chunk does, and
+    // its parameters stay as ParallelFor set them before publishing it.
     const int64_t n = n_.load(std::memory_order_relaxed);
     const int64_t grain = grain_.load(std::memory_order_relaxed);
     const int64_t grains = (n + grain - 1) / grain;
@@ -77,14 +85,15 @@ void ThreadPool::ParallelFor(int64_t n, int64_t grain,
     fn(0, n);
     return;
   }
-  const int64_t chunks = std::min<int64_t>(grains, num_threads() * kChunksPerThread);
+  const int64_t chunks =
+      std::min<int64_t>({grains, num_threads() * kChunksPerThread, kMaxChunks});
   fn_.store(&fn, std::memory_order_relaxed);
   n_.store(n, std::memory_order_relaxed);
   grain_.store(grain, std::memory_order_relaxed);
-  chunks_.store(chunks, std::memory_order_relaxed);
   done_.store(0, std::memory_order_relaxed);
   ++call_;
-  claim_.store(static_cast<uint64_t>(call_) << 32, std::memory_order_release);
+  claim_.store((static_cast<uint64_t>(call_) << 32) | (static_cast<uint64_t>(chunks) << 16),
+               std::memory_order_release);
   {
     // Sleeping workers re-check claim_ under the lock, so none misses a call.
     std::lock_guard<std::mutex> lock(mu_);

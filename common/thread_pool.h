@@ -51,9 +51,8 @@ class ThreadPool {
   std::atomic<const std::function<void(int64_t, int64_t)>*> fn_{nullptr};
   std::atomic<int64_t> n_{0};
   std::atomic<int64_t> grain_{1};
-  std::atomic<int64_t> chunks_{0};
   uint32_t call_ = 0;
-  // (call id << 32) | index of the next unclaimed chunk.
+  // (call id << 32) | (chunk count << 16) | index of the next unclaimed chunk.
   std::atomic<uint64_t> claim_{0};
   std::atomic<int64_t> done_{0};  // chunks finished in the current call
   std::atomic<bool> stop_{false};

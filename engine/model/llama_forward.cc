@@ -50,12 +50,22 @@ absl::Status LlamaForward::Validate(const ForwardBatch& batch, const PagedKvCach
     }
     covered += seq.num_tokens;
     const int64_t end = seq.start_position + seq.num_tokens;
+    int64_t slots = end;
+    if (seq.kv != nullptr) {
+      if (seq.start_position != seq.kv->num_tokens()) {
+        return absl::InvalidArgumentError(StrCat("start position ", seq.start_position,
+                                                 " is not the sequence's next position ",
+                                                 seq.kv->num_tokens()));
+      }
+      if (absl::Status st = seq.kv->CheckStep(seq.num_tokens); !st.ok()) return st;
+      slots = seq.kv->SlotsNeeded(seq.num_tokens);
+    }
     if (end > c.context_length) {
       return absl::OutOfRangeError(StrCat("position ", end - 1,
                                                 " is beyond the model's context length ",
                                                 c.context_length));
     }
-    const int64_t blocks_needed = (end + s.block_size - 1) / s.block_size;
+    const int64_t blocks_needed = (slots + s.block_size - 1) / s.block_size;
     if (static_cast<int64_t>(seq.block_table.size()) < blocks_needed) {
       return absl::InvalidArgumentError(StrCat("block table holds ", seq.block_table.size(),
                                                      " blocks, ", blocks_needed, " needed"));
@@ -96,10 +106,10 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
   for (const SequenceInput& seq : batch.sequences) {
     for (int64_t i = 0; i < seq.num_tokens; ++i) {
       const int64_t t = seq.token_offset + i;
-      const int64_t slot = seq.start_position + i;
-      const int64_t block = seq.block_table[slot / bs];
       for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-        const int64_t at = cache.Index(block, h, slot % bs);
+        const int64_t slot =
+            seq.kv != nullptr ? seq.kv->WriteSlot(layer, h, i) : seq.start_position + i;
+        const int64_t at = cache.Index(seq.block_table[slot / bs], h, slot % bs);
         std::memcpy(kc + at, &k_[t * c.kv_dim() + h * hd], hd * sizeof(float));
         std::memcpy(vc + at, &v_[t * c.kv_dim() + h * hd], hd * sizeof(float));
       }
@@ -133,7 +143,8 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
       const int64_t i = u / heads;
       const int64_t h = u % heads;
       const int64_t t = task.seq->token_offset + i;
-      local.context_len = task.seq->start_position + i + 1;
+      local.context_len = task.seq->kv != nullptr ? task.seq->kv->ContextSlots(i)
+                                                  : task.seq->start_position + i + 1;
       kernels::PagedAttentionHead(local, task.q + t * task.q_dim + h * dim, h,
                                   task.out + t * task.q_dim + h * dim);
     }
@@ -142,6 +153,11 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
     task.seq = &seq;
     task.args.block_table = seq.block_table.data();
     pool_->ParallelFor(seq.num_tokens * c.num_heads, 1, run);
+    if (seq.kv != nullptr) {
+      seq.kv->AfterAttention(layer, q_.data() + seq.token_offset * c.q_dim(), c.q_dim(),
+                             seq.num_tokens, seq.prompt_pending, cache, seq.block_table, pool_,
+                             kv_scratch_);
+    }
   }
 }
 
@@ -204,6 +220,10 @@ absl::Status LlamaForward::Forward(const ForwardBatch& batch, PagedKvCache& cach
     kernels::SiluMul(gate_.data(), up_.data(), n * c.intermediate_size, gate_.data());
     MatMul(l.w_down, gate_.data(), n, xn_.data());
     for (int64_t t = 0; t < n; ++t) kernels::Add(&x_[t * hidden], &xn_[t * hidden], hidden);
+  }
+
+  for (const SequenceInput& seq : batch.sequences) {
+    if (seq.kv != nullptr) seq.kv->EndStep(seq.num_tokens, seq.prompt_pending);
   }
 
   // Final norm only for the rows whose logits are wanted.

@@ -13,6 +13,7 @@
 
 #include "absl/status/status.h"
 #include "common/thread_pool.h"
+#include "engine/kv/kv_sequence.h"
 #include "engine/kv/paged_kv_cache.h"
 #include "engine/model/model.h"
 
@@ -20,12 +21,17 @@ namespace morphserve::engine {
 
 // The tokens [token_offset, token_offset + num_tokens) of the batch belong to
 // one sequence and sit at positions start_position, start_position + 1, ...
-// (which are also their cache slots).
+// Without `kv`, positions are also cache slots and nothing is ever evicted.
+// With `kv`, the sequence's KV policy decides the slots (start_position must
+// be kv->num_tokens() and the block table must cover kv->SlotsNeeded()).
 struct SequenceInput {
   int64_t token_offset = 0;
   int64_t num_tokens = 0;
   int64_t start_position = 0;
   std::span<const int32_t> block_table;
+  KvSequence* kv = nullptr;
+  // More prompt chunks follow this one: the policy must not select yet.
+  bool prompt_pending = false;
 };
 
 struct ForwardBatch {
@@ -47,9 +53,10 @@ class LlamaForward {
   // `model` and `pool` must outlive this object.
   LlamaForward(const Model& model, ThreadPool* pool, ForwardOptions options = {});
 
-  // Runs the batch, writing K/V into `cache` and logits into `logits`.
-  // Invalid input (token ids, positions beyond the block tables) is an
-  // InvalidArgument error and leaves the cache untouched.
+  // Runs the batch, writing K/V into `cache` and logits into `logits`, and
+  // advances each sequence's KvSequence (which may move cache rows within
+  // its own blocks). Invalid input (token ids, positions beyond the block
+  // tables) is an error and leaves the cache and sequences untouched.
   absl::Status Forward(const ForwardBatch& batch, PagedKvCache& cache, std::vector<float>* logits);
 
  private:
@@ -64,6 +71,7 @@ class LlamaForward {
   std::vector<int64_t> token_positions_;  // per batch token
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_;
   std::vector<uint8_t> matmul_scratch_;
+  std::vector<KvScratch> kv_scratch_;
 };
 
 }  // namespace morphserve::engine

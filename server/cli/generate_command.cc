@@ -1,6 +1,6 @@
 // `morphserve generate`: one sequence, prefill then decode, streamed to
-// stdout. Drives the same forward pass, paged KV cache, block pool, sampler
-// and stop checker that the server uses.
+// stdout. Drives the same forward pass, paged KV cache and KV policies, block
+// pool, sampler and stop checker that the server uses.
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -14,14 +14,13 @@
 #include "common/thread_pool.h"
 #include "engine/chat/chat_template.h"
 #include "engine/generation/stop_checker.h"
-#include "engine/kv/paged_kv_cache.h"
-#include "engine/model/llama_forward.h"
 #include "engine/model/model.h"
 #include "engine/sampler/sampler.h"
 #include "nlohmann/json.hpp"
-#include "scheduler/block_pool.h"
 #include "server/cli/arg_parser.h"
 #include "server/cli/commands.h"
+#include "server/cli/kv_options.h"
+#include "server/cli/sequence_set.h"
 #include "spdlog/spdlog.h"
 
 namespace morphserve::cli {
@@ -52,6 +51,7 @@ struct GenerateOptions {
   int64_t threads = 0;
   int64_t block_size = 16;
   int64_t prefill_chunk = 512;
+  KvFlags kv;
   bool json = false;
   bool reference_kernels = false;
   std::string log_level = "warn";
@@ -127,33 +127,29 @@ absl::Status Run(const GenerateOptions& o) {
                                               cfg.context_length));
   }
 
-  const int64_t blocks = (total + o.block_size - 1) / o.block_size;
-  engine::PagedKvCache cache(
-      {cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, o.block_size, blocks});
-  scheduler::BlockPool pool_blocks(static_cast<int32_t>(blocks));
-  std::vector<int32_t> block_table;
+  ASSIGN_OR_RETURN(const KvPolicyConfig kv_policy, KvPolicyFromFlags(o.kv, cfg.context_length));
+
   ThreadPool threads(o.threads > 0 ? static_cast<int>(o.threads) : ThreadPool::DefaultThreads());
-  engine::LlamaForward forward(*model, &threads, {.reference_kernels = o.reference_kernels});
+  const int64_t prompt_tokens = static_cast<int64_t>(prompt.size());
+  const int64_t blocks =
+      (kv_policy.MaxSlots(prompt_tokens, o.max_tokens) + o.block_size - 1) / o.block_size;
+  SequenceSet sequences(*model, &threads, {.reference_kernels = o.reference_kernels},
+                        o.block_size, blocks);
+  ASSIGN_OR_RETURN(const int id, sequences.Add(kv_policy, prompt_tokens, o.max_tokens));
   engine::Sampler sampler(sampling, prompt);
   engine::StopChecker checker(tokenizer, stop);
 
   std::vector<float> logits;
-  auto run = [&](std::span<const int32_t> tokens, int64_t position) -> absl::Status {
-    const int64_t needed = (position + static_cast<int64_t>(tokens.size()) + o.block_size - 1) /
-                           o.block_size;
-    const int64_t missing = needed - static_cast<int64_t>(block_table.size());
-    if (missing > 0 && !pool_blocks.Allocate(static_cast<int32_t>(missing), &block_table)) {
-      return absl::ResourceExhaustedError("KV cache pool exhausted");
-    }
-    const engine::SequenceInput seq{0, static_cast<int64_t>(tokens.size()), position, block_table};
-    return forward.Forward({tokens, {&seq, 1}, false}, cache, &logits);
+  auto run = [&](std::span<const int32_t> tokens, bool prompt_pending) -> absl::Status {
+    const SequenceSet::Work work{id, tokens, prompt_pending};
+    return sequences.Step({&work, 1}, &logits);
   };
 
   const Clock::time_point t0 = Clock::now();
   for (size_t begin = 0; begin < prompt.size(); begin += o.prefill_chunk) {
     const size_t n = std::min<size_t>(o.prefill_chunk, prompt.size() - begin);
-    RETURN_IF_ERROR(run(std::span<const int32_t>(prompt).subspan(begin, n),
-                        static_cast<int64_t>(begin)));
+    RETURN_IF_ERROR(
+        run(std::span<const int32_t>(prompt).subspan(begin, n), begin + n < prompt.size()));
   }
   const Clock::time_point t1 = Clock::now();
 
@@ -178,7 +174,7 @@ absl::Status Run(const GenerateOptions& o) {
     }
     if (finish == engine::FinishReason::kNone) {
       const int32_t next = r.token;
-      RETURN_IF_ERROR(run({&next, 1}, static_cast<int64_t>(prompt.size() + generated.size()) - 1));
+      RETURN_IF_ERROR(run({&next, 1}, false));
     }
   }
   const Clock::time_point t2 = Clock::now();
@@ -197,6 +193,8 @@ absl::Status Run(const GenerateOptions& o) {
           {"prefill_seconds", prefill_s},
           {"decode_seconds", decode_s}}},
     };
+    AddKvUsage(sequences.kv(id).Usage(), out["usage"]);
+    out["usage"]["kv_blocks_peak_used"] = sequences.peak_blocks_used();
     if (o.logprobs > 0) {
       out["logprobs"] = std::move(logprobs);
       out["token_logprobs"] = token_logprobs;
@@ -243,6 +241,7 @@ int GenerateCommand(int argc, char** argv, int first) {
   p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
   p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
   p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");
+  AddKvFlags(p, &o.kv);
   p.AddFlag("json", &o.json, "print one JSON object at the end instead of streaming text");
   p.AddFlag("reference-kernels", &o.reference_kernels,
             "use the slow, exact reference matrix products (for checking numerics)");

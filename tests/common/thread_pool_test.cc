@@ -46,3 +46,27 @@ TEST(ThreadPoolTest, ReusableAcrossManyCalls) {
 
 }  // namespace
 }  // namespace morphserve
+
+namespace morphserve {
+namespace {
+
+// Calls of very different sizes back to back: a worker that is slow to see
+// that a small call has ended must not claim a chunk of it against the next
+// call's chunk count (this used to run a chunk twice and hang the caller).
+TEST(ThreadPool, AlternatingCallSizesCoverEachIndexOnce) {
+  ThreadPool pool(3);
+  std::vector<std::atomic<int>> hits(2000);
+  const std::function<void(int64_t, int64_t)> count = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) hits[i].fetch_add(1, std::memory_order_relaxed);
+  };
+  for (int iter = 0; iter < 300000; ++iter) {
+    const int64_t n = iter % 2 == 0 ? 3 : 2000;
+    pool.ParallelFor(n, iter % 2 == 0 ? 1 : 16, count);
+    for (int64_t i = 0; i < n; ++i) {
+      ASSERT_EQ(hits[i].exchange(0, std::memory_order_relaxed), 1) << "call " << iter;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace morphserve

@@ -1,0 +1,175 @@
+#include "kernels/cpu/kv_scoring.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "kernels/cpu/paged_attention.h"
+
+namespace morphserve::kernels {
+namespace {
+
+// As in paged_attention.cc: loops written for the vectorizer, compiled for
+// AVX-512, AVX2+FMA and baseline, chosen at load time.
+#define MORPHSERVE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+
+constexpr int64_t kTile = 16;  // keys per transposed tile
+constexpr int64_t kRowsPerPass = 4;
+
+// exp(x) as 2^k * p(y): k = round(x log2 e), y = x - k ln2, p a degree-6
+// Taylor polynomial of e^y on |y| <= ln2/2. Branch-free so that it vectorizes.
+#pragma omp declare simd notinbranch
+inline float ExpScalar(float x) {
+  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(clamped * 1.44269504f + 0.5f);
+  // x - k ln2 with ln2 split in two (Cody-Waite), exact enough at |x| ~ 87.
+  const float y = (clamped - k * 0.693359375f) + k * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * y + 1.0f / 120.0f;
+  p = p * y + 1.0f / 24.0f;
+  p = p * y + 1.0f / 6.0f;
+  p = p * y + 0.5f;
+  p = p * y + 1.0f;
+  p = p * y + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  const float r = p * std::bit_cast<float>(bits);
+  return x < -87.0f ? 0.0f : r;
+}
+
+MORPHSERVE_SIMD_CLONES
+void ExpLoop(const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = ExpScalar(x[i]);
+}
+
+// Up to kRowsPerPass query rows against one transposed tile of keys
+// kt[d][kTile]: out[r][j] = scale * sum_d q_r[d] kt[d][j].
+MORPHSERVE_SIMD_CLONES
+void TileLogits(const float* kt, int64_t head_dim, const float* q, int64_t q_stride,
+                int64_t rows, float scale, float* out, int64_t ld, int64_t width) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPass) {
+    const int64_t nr = std::min(kRowsPerPass, rows - r0);
+    float acc[kRowsPerPass][kTile] = {};
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const float* krow = kt + d * kTile;
+      for (int64_t r = 0; r < nr; ++r) {
+        const float qv = q[(r0 + r) * q_stride + d];
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) acc[r][j] += qv * krow[j];
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      for (int64_t j = 0; j < width; ++j) out[(r0 + r) * ld + j] = acc[r][j] * scale;
+    }
+  }
+}
+
+MORPHSERVE_SIMD_CLONES
+float MaxOver(const float* x, const uint8_t* mask, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    m = std::max(m, mask == nullptr || mask[j] ? x[j] : -std::numeric_limits<float>::infinity());
+  }
+  return m;
+}
+
+// x[j] = mask[j] ? exp(x[j] - m) : 0; returns the sum.
+MORPHSERVE_SIMD_CLONES
+float ExpShiftMasked(float* x, const uint8_t* mask, float m, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    const float e = ExpScalar(x[j] - m);
+    const float v = mask == nullptr || mask[j] ? e : 0.0f;
+    x[j] = v;
+    sum += v;
+  }
+  return sum;
+}
+
+MORPHSERVE_SIMD_CLONES
+void Scale(float* x, float s, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) x[j] *= s;
+}
+
+MORPHSERVE_SIMD_CLONES
+void MaxInto(float* acc, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] = std::max(acc[j], x[j]);
+}
+
+MORPHSERVE_SIMD_CLONES
+void AddInto(float* acc, const float* x, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) acc[j] += x[j];
+}
+
+}  // namespace
+
+void Exp(const float* x, float* y, int64_t n) { ExpLoop(x, y, n); }
+
+void PagedKeyLogits(const PagedKeys& keys, const float* q, int64_t q_stride, int64_t num_rows,
+                    float scale, float* logits, int64_t ld) {
+  const int64_t hd = keys.head_dim;
+  alignas(64) float kt[kMaxHeadDim * kTile];
+  for (int64_t start = 0; start < keys.num_slots; start += keys.block_size) {
+    const int64_t n = std::min(keys.block_size, keys.num_slots - start);
+    const int64_t block = keys.block_table[start / keys.block_size];
+    const float* k =
+        keys.k_cache + ((block * keys.num_kv_heads + keys.kv_head) * keys.block_size) * hd;
+    for (int64_t t0 = 0; t0 < n; t0 += kTile) {
+      const int64_t width = std::min(kTile, n - t0);
+      // Transpose the tile so that the inner loop runs over keys, with no
+      // horizontal sums; missing keys of a short tile are zero.
+      for (int64_t j = 0; j < kTile; ++j) {
+        const float* kj = k + (t0 + j) * hd;
+        for (int64_t d = 0; d < hd; ++d) kt[d * kTile + j] = j < width ? kj[d] : 0.0f;
+      }
+      TileLogits(kt, hd, q, q_stride, num_rows, scale, logits + start + t0, ld, width);
+    }
+  }
+}
+
+void MaskedSoftmaxRows(float* logits, int64_t num_rows, int64_t n, int64_t ld,
+                       const uint8_t* mask, const int64_t* row_len) {
+  for (int64_t r = 0; r < num_rows; ++r) {
+    float* x = logits + r * ld;
+    const int64_t len = row_len == nullptr ? n : std::clamp<int64_t>(row_len[r], 0, n);
+    std::fill(x + len, x + n, 0.0f);
+    const float m = MaxOver(x, mask, len);
+    if (m == -std::numeric_limits<float>::infinity()) {
+      std::fill(x, x + len, 0.0f);
+      continue;
+    }
+    const float sum = ExpShiftMasked(x, mask, m, len);
+    Scale(x, 1.0f / sum, len);
+  }
+}
+
+void FuseRows(const float* rows, int64_t num_rows, int64_t group, int64_t n, int64_t ld,
+              bool max_fusion, float* scores) {
+  std::fill(scores, scores + n, 0.0f);
+  // Probabilities are >= 0, so 0 is the identity of both max and sum here;
+  // `group_max` holds one group's reduction.
+  alignas(64) float group_max[256];
+  for (int64_t j0 = 0; j0 < n; j0 += 256) {
+    const int64_t w = std::min<int64_t>(256, n - j0);
+    for (int64_t g = 0; g < num_rows; g += group) {
+      std::memcpy(group_max, rows + g * ld + j0, w * sizeof(float));
+      for (int64_t r = g + 1; r < std::min(g + group, num_rows); ++r) {
+        MaxInto(group_max, rows + r * ld + j0, w);
+      }
+      if (max_fusion) {
+        MaxInto(scores + j0, group_max, w);
+      } else {
+        AddInto(scores + j0, group_max, w);
+      }
+    }
+  }
+}
+
+}  // namespace morphserve::kernels
