@@ -1,6 +1,7 @@
 #include "engine/kv/kv_sequence.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -105,6 +106,7 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
                                 bool prompt_pending, PagedKvCache& cache,
                                 std::span<const int32_t> block_table, ThreadPool* pool,
                                 std::vector<KvScratch>& scratch) {
+  const auto start = std::chrono::steady_clock::now();
   if (ring_size_ > 0) PushQueries(layer, q, q_stride, n);
   const int64_t tokens = num_tokens_ + n;
   const bool select = !prompt_pending;
@@ -147,6 +149,9 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
     }
   };
   pool->ParallelFor(shape_.num_kv_heads, 1, run);
+  policy_nanos_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                       std::chrono::steady_clock::now() - start)
+                       .count();
 }
 
 void KvSequence::EndStep(int64_t n, bool prompt_pending) {

@@ -78,6 +78,8 @@ class KvSequence {
   int64_t PendingVictim(int64_t layer, int64_t kv_head) const;
 
   KvUsage Usage() const;
+  // Wall time spent in AfterAttention (scoring, selection, compaction).
+  double policy_seconds() const { return static_cast<double>(policy_nanos_) * 1e-9; }
 
   // Forward-pass hook, called once per layer after the step's keys and values
   // were written and its attention ran. `q` holds the step's post-RoPE
@@ -126,6 +128,7 @@ class KvSequence {
   bool aligned_ = true;     // slot == position everywhere
   bool overwrite_ = false;  // this step's token goes into victim_ slots
   bool selected_ = false;   // SnapKV's one selection is done
+  int64_t policy_nanos_ = 0;
 
   // Indexed [layer * num_kv_heads + kv_head].
   std::vector<std::vector<int32_t>> positions_;  // per slot; empty while aligned

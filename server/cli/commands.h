@@ -5,6 +5,7 @@
 
 namespace morphserve::cli {
 
+int EvalCommand(int argc, char** argv, int first);
 int GenerateCommand(int argc, char** argv, int first);
 int TokenizeCommand(int argc, char** argv, int first);
 int InfoCommand(int argc, char** argv, int first);

@@ -132,7 +132,7 @@ absl::Status Run(const GenerateOptions& o) {
   ThreadPool threads(o.threads > 0 ? static_cast<int>(o.threads) : ThreadPool::DefaultThreads());
   const int64_t prompt_tokens = static_cast<int64_t>(prompt.size());
   const int64_t blocks =
-      (kv_policy.MaxSlots(prompt_tokens, o.max_tokens) + o.block_size - 1) / o.block_size;
+      SequenceSet::BlocksFor(kv_policy, prompt_tokens, o.max_tokens, o.block_size);
   SequenceSet sequences(*model, &threads, {.reference_kernels = o.reference_kernels},
                         o.block_size, blocks);
   ASSIGN_OR_RETURN(const int id, sequences.Add(kv_policy, prompt_tokens, o.max_tokens));

@@ -16,15 +16,15 @@ SequenceSet::SequenceSet(const engine::Model& model, ThreadPool* pool,
       blocks_(static_cast<int32_t>(num_blocks)) {}
 
 int64_t SequenceSet::BlocksFor(const KvPolicyConfig& policy, int64_t prompt_tokens,
-                               int64_t max_new_tokens) const {
-  return Blocks(policy.MaxSlots(prompt_tokens, max_new_tokens));
+                               int64_t max_new_tokens, int64_t block_size) {
+  return (policy.MaxSlots(prompt_tokens, max_new_tokens) + block_size - 1) / block_size;
 }
 
 absl::StatusOr<int> SequenceSet::Add(const KvPolicyConfig& policy, int64_t prompt_tokens,
                                      int64_t max_new_tokens) {
   auto seq = std::make_unique<Sequence>();
   const int64_t max_slots = policy.MaxSlots(prompt_tokens, max_new_tokens);
-  seq->reserved_blocks = Blocks(max_slots);
+  seq->reserved_blocks = BlocksFor(policy, prompt_tokens, max_new_tokens, block_size_);
   if (reserved_blocks_ + seq->reserved_blocks > blocks_.num_blocks()) {
     return absl::ResourceExhaustedError(
         StrCat("the sequence needs ", seq->reserved_blocks, " KV blocks; ",

@@ -30,9 +30,10 @@ class SequenceSet {
   SequenceSet(const engine::Model& model, ThreadPool* pool, engine::ForwardOptions options,
               int64_t block_size, int64_t num_blocks);
 
-  // Blocks a sequence with this policy and these lengths reserves.
-  int64_t BlocksFor(const KvPolicyConfig& policy, int64_t prompt_tokens,
-                    int64_t max_new_tokens) const;
+  // Blocks of `block_size` that a sequence with this policy and these lengths
+  // reserves.
+  static int64_t BlocksFor(const KvPolicyConfig& policy, int64_t prompt_tokens,
+                           int64_t max_new_tokens, int64_t block_size);
 
   // Adds a sequence and returns its id; ResourceExhausted when its
   // reservation does not fit next to the others'.

@@ -1,6 +1,7 @@
 // Runs the real `morphserve` binary as a user would.
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
@@ -8,6 +9,8 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -56,7 +59,7 @@ TEST(CliTest, VersionNamesCommitAndBackends) {
 }
 
 TEST(CliTest, EverySubcommandHasHelp) {
-  for (const char* cmd : {"generate", "tokenize", "info"}) {
+  for (const char* cmd : {"generate", "eval", "tokenize", "info"}) {
     const Result r = RunCli(std::string(cmd) + " --help");
     EXPECT_EQ(r.exit_code, 0) << cmd;
     EXPECT_THAT(r.out, HasSubstr("usage: morphserve " + std::string(cmd))) << cmd;
@@ -163,6 +166,127 @@ TEST(CliTest, DefaultModelAnswersTheCapitalOfFrance) {
   const nlohmann::json out = nlohmann::json::parse(r.out);
   EXPECT_THAT(out["text"].get<std::string>(), HasSubstr("Paris"));
   EXPECT_EQ(out["finish_reason"], "eos");
+}
+
+// The default model's path, or skips (fails under MORPHSERVE_REQUIRE_MODELS=1)
+// when it has not been fetched.
+#define REQUIRE_DEFAULT_MODEL(model)                                                    \
+  const std::string model = DefaultModelPath();                                         \
+  if (!std::filesystem::exists(model)) {                                                \
+    const char* require = std::getenv("MORPHSERVE_REQUIRE_MODELS");                     \
+    if (require != nullptr && std::string(require) == "1") FAIL() << "missing " << model; \
+    GTEST_SKIP() << "no " << model << "; run scripts/fetch_model.sh";                   \
+  }
+
+TEST(CliTest, KvPolicyBoundsTheCacheAndReportsUsage) {
+  REQUIRE_DEFAULT_MODEL(model);
+  const std::string common = "generate --json --ignore-eos --max-tokens 150 --threads 2 --model " +
+                             model + " --chat 'Write a story about a robot who learns to paint.'";
+  // SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x (K + V) x 4 bytes per token.
+  const int64_t bytes_per_token = 30 * 3 * 64 * 2 * 4;
+  const Result full = RunCli(common);
+  ASSERT_EQ(full.exit_code, 0) << full.out;
+  const nlohmann::json fu = nlohmann::json::parse(full.out)["usage"];
+  const int64_t written = fu["prompt_tokens"].get<int64_t>() + 149;
+  EXPECT_EQ(fu["kv_tokens_full_equivalent"], written);
+  EXPECT_EQ(fu["kv_tokens_resident"], written);
+  EXPECT_EQ(fu["kv_tokens_evicted"], 0);
+  EXPECT_EQ(fu["kv_bytes_saved"], 0);
+  EXPECT_EQ(fu["kv_bytes_resident"], written * bytes_per_token);
+
+  const Result morph = RunCli(common + " --kv-policy morphkv --kv-window 8 --kv-capacity 64");
+  ASSERT_EQ(morph.exit_code, 0) << morph.out;
+  const nlohmann::json mu = nlohmann::json::parse(morph.out)["usage"];
+  const int64_t prompt = mu["prompt_tokens"].get<int64_t>();
+  EXPECT_EQ(mu["kv_tokens_full_equivalent"], written);
+  EXPECT_EQ(mu["kv_tokens_resident"], 65);
+  EXPECT_EQ(mu["kv_tokens_evicted"], written - 65);
+  EXPECT_EQ(mu["kv_bytes_resident"], 65 * bytes_per_token);
+  EXPECT_EQ(mu["kv_bytes_saved"], (written - 65) * bytes_per_token);
+  // Never more blocks than the prompt or the budget needs.
+  EXPECT_LE(mu["kv_blocks_peak_used"].get<int64_t>(), (std::max<int64_t>(prompt, 65) + 15) / 16);
+
+  for (const char* policy : {"h2o", "streaming", "snapkv"}) {
+    const Result r = RunCli(common + " --kv-policy " + policy + " --kv-window 8 --kv-capacity 40");
+    ASSERT_EQ(r.exit_code, 0) << policy << ": " << r.out;
+    const nlohmann::json u = nlohmann::json::parse(r.out)["usage"];
+    const int64_t want = std::string(policy) == "snapkv" ? std::min<int64_t>(prompt, 40) + 149 : 41;
+    EXPECT_EQ(u["kv_tokens_resident"], want) << policy;
+  }
+}
+
+TEST(CliTest, BadKvParametersNameTheParameter) {
+  const std::string base = "generate --max-tokens 2 --model " + kTinyModel + " --prompt hi ";
+  const std::pair<std::string, std::string> cases[] = {
+      {"--kv-policy morphkv --kv-window 0", "kv_window"},
+      {"--kv-policy h2o --kv-window 8 --kv-capacity 8", "kv_capacity"},
+      {"--kv-policy morphkv --kv-capacity 5000", "context length"},
+      {"--kv-policy lru", "kv_policy"},
+      {"--kv-policy morphkv --kv-fusion mean", "kv_fusion"},
+      {"--kv-policy streaming --kv-window 8 --kv-capacity 16 --kv-sinks 9", "kv_sinks"},
+      {"--kv-policy morphkv --kv-aggregation mean", "kv_aggregation"},
+  };
+  for (const auto& [flags, field] : cases) {
+    const Result r = RunCli(base + flags, true);
+    EXPECT_EQ(r.exit_code, 1) << flags;
+    EXPECT_THAT(r.out, HasSubstr(field)) << flags;
+  }
+}
+
+// A quick eval run: the files it writes, and that its tokens-to-divergence is
+// what a free-running greedy generation with the policy really does.
+TEST(CliTest, EvalWritesResultsThatMatchFreeRunning) {
+  REQUIRE_DEFAULT_MODEL(model);
+  const std::string dir = ::testing::TempDir() + "/cli_eval";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string prompts = dir + "/prompts.jsonl";
+  std::ofstream(prompts) << R"({"id": "bread", "prompt": "Explain step by step how to bake bread."})"
+                         << "\n"
+                         << "Write a letter to a friend about your summer.\n";
+  const Result r = RunCli("eval --threads 2 --model " + model + " --prompts " + prompts +
+                              " --out " + dir + "/out --reference-tokens 64 --capacities 16,40 "
+                              "--windows 4 --policies morphkv,h2o,snapkv,streaming",
+                          true);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_THAT(r.out, HasSubstr("prompt 2/2 done"));
+  const std::string csv = ReadFile(dir + "/out/fidelity.csv");
+  // morphkv and h2o at 16 and 40, streaming at 16 and 40, snapkv at 40.
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 1 + 7) << csv;
+  EXPECT_THAT(csv, HasSubstr("morphkv,4,16,sum,group-logit-sum"));
+  EXPECT_THAT(ReadFile(dir + "/out/fidelity.md"), HasSubstr("| morphkv W4 | 16 |"));
+  EXPECT_EQ(ReadFile(dir + "/out/fidelity.png").substr(1, 3), "PNG");
+
+  std::ifstream refs(dir + "/out/reference.jsonl");
+  std::string line;
+  ASSERT_TRUE(std::getline(refs, line));
+  const nlohmann::json ref = nlohmann::json::parse(line);
+  EXPECT_EQ(ref["id"], "bread");
+  const std::vector<int32_t> reference = ref["reference_tokens"].get<std::vector<int32_t>>();
+  ASSERT_EQ(reference.size(), 64u);
+  int64_t divergence = -1;
+  std::ifstream div(dir + "/out/divergence.csv");
+  while (std::getline(div, line)) {
+    if (line.rfind("bread,morphkv,morphkv W4,4,16,", 0) == 0) {
+      divergence = std::stoll(line.substr(line.rfind(',') + 1));
+    }
+  }
+  ASSERT_GE(divergence, 0);
+  const Result gen = RunCli("generate --json --ignore-eos --max-tokens 64 --threads 2 --model " +
+                            model + " --chat 'Explain step by step how to bake bread.' "
+                            "--kv-policy morphkv --kv-window 4 --kv-capacity 16");
+  ASSERT_EQ(gen.exit_code, 0) << gen.out;
+  const std::vector<int32_t> tokens =
+      nlohmann::json::parse(gen.out)["tokens"].get<std::vector<int32_t>>();
+  // The reference bans end-of-generation tokens; compare up to the first one
+  // the free run chose (SmolLM2's are ids 0 and 2).
+  size_t end = 0;
+  while (end < tokens.size() && tokens[end] != 0 && tokens[end] != 2) ++end;
+  const size_t same = std::min<size_t>(static_cast<size_t>(divergence), end);
+  for (size_t i = 0; i < same; ++i) ASSERT_EQ(tokens[i], reference[i]) << "token " << i;
+  if (static_cast<size_t>(divergence) < std::min<size_t>(end, 64)) {
+    EXPECT_NE(tokens[divergence], reference[divergence]);
+  }
 }
 
 TEST(CliTest, DummyWeightsFollowTheConfigAndTheLayerOverride) {
