@@ -325,25 +325,14 @@ int EvalCommand(int argc, char** argv, int first) {
   p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
   p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");
   p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
-  if (absl::Status s = p.Parse(argc, argv, first); !s.ok()) {
-    std::fprintf(stderr, "morphserve eval: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (p.help_requested()) {
-    std::fputs(p.Help().c_str(), stdout);
-    return 0;
-  }
-  if (absl::Status s = InitLogging(o.log_level, LogFormat::kPlain); !s.ok()) {
-    std::fprintf(stderr, "morphserve eval: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  std::string command_line = "morphserve";
-  for (int i = 1; i < argc; ++i) StrAppend(&command_line, " ", argv[i]);
-  if (absl::Status s = Run(o, command_line); !s.ok()) {
-    std::fprintf(stderr, "morphserve eval: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand(
+      "eval", p, argc, argv, first,
+      [&] {
+        std::string command_line = "morphserve";
+        for (int i = 1; i < argc; ++i) StrAppend(&command_line, " ", argv[i]);
+        return Run(o, command_line);
+      },
+      &o.log_level);
 }
 
 }  // namespace morphserve::cli

@@ -246,23 +246,7 @@ int GenerateCommand(int argc, char** argv, int first) {
   p.AddFlag("reference-kernels", &o.reference_kernels,
             "use the slow, exact reference matrix products (for checking numerics)");
   p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
-  if (absl::Status s = p.Parse(argc, argv, first); !s.ok()) {
-    std::fprintf(stderr, "morphserve generate: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (p.help_requested()) {
-    std::fputs(p.Help().c_str(), stdout);
-    return 0;
-  }
-  if (absl::Status s = InitLogging(o.log_level, LogFormat::kPlain); !s.ok()) {
-    std::fprintf(stderr, "morphserve generate: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (absl::Status s = Run(o); !s.ok()) {
-    std::fprintf(stderr, "morphserve generate: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand("generate", p, argc, argv, first, [&] { return Run(o); }, &o.log_level);
 }
 
 }  // namespace morphserve::cli

@@ -84,23 +84,10 @@ int InfoCommand(int argc, char** argv, int first) {
   p.AddString("model", &model, "a .gguf file or a Hugging Face directory");
   p.AddString("load-format", &load_format, "auto, gguf, safetensors or dummy");
   p.AddInt("num-layers", &num_layers, "dummy weights only: keep this many layers (0: all)");
-  if (absl::Status s = p.Parse(argc, argv, first); !s.ok()) {
-    std::fprintf(stderr, "morphserve info: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (p.help_requested()) {
-    std::fputs(p.Help().c_str(), stdout);
-    return 0;
-  }
-  if (model.empty()) {
-    std::fprintf(stderr, "morphserve info: --model is required\n");
-    return 2;
-  }
-  if (absl::Status s = Run(model, load_format, num_layers); !s.ok()) {
-    std::fprintf(stderr, "morphserve info: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand("info", p, argc, argv, first, [&] {
+    if (model.empty()) return absl::InvalidArgumentError("--model is required");
+    return Run(model, load_format, num_layers);
+  });
 }
 
 }  // namespace morphserve::cli

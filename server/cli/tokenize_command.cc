@@ -67,19 +67,8 @@ int TokenizeCommand(int argc, char** argv, int first) {
   p.AddString("vocab-test", &vocab_test, "tokenizer test-vector input file (.inp)");
   p.AddFlag("no-bos", &no_bos, "do not add BOS/EOS tokens");
   p.AddFlag("parse-special", &parse_special, "turn special-token text into special tokens");
-  if (absl::Status s = p.Parse(argc, argv, first); !s.ok()) {
-    std::fprintf(stderr, "morphserve tokenize: %s\n", std::string(s.message()).c_str());
-    return 2;
-  }
-  if (p.help_requested()) {
-    std::fputs(p.Help().c_str(), stdout);
-    return 0;
-  }
-  if (absl::Status s = Run(model, text, vocab_test, no_bos, parse_special); !s.ok()) {
-    std::fprintf(stderr, "morphserve tokenize: %s\n", std::string(s.message()).c_str());
-    return 1;
-  }
-  return 0;
+  return RunCommand("tokenize", p, argc, argv, first,
+                    [&] { return Run(model, text, vocab_test, no_bos, parse_special); });
 }
 
 }  // namespace morphserve::cli

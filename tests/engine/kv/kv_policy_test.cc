@@ -206,6 +206,9 @@ TEST_P(KvPolicyTest, PagedMatchesDenseReference) {
       // Resident tokens: min(N, C+1) (the next token's victim still counts:
       // it is overwritten before anything attends again).
       ASSERT_EQ(resident, std::min(done, cfg.capacity + 1)) << "after position " << done;
+      // Once the prompt is cut, the extra pages are back in the pool.
+      ASSERT_EQ(static_cast<int64_t>(paged.table().size()),
+                (resident + dm.block_size - 1) / dm.block_size);
     }
     ASSERT_LE(static_cast<int64_t>(paged.table().size()),
               (cfg.MaxSlots(tc.prompt, tc.steps + 1) + dm.block_size - 1) / dm.block_size);
