@@ -116,4 +116,24 @@ int64_t KvPolicyConfig::MaxSlots(int64_t prompt_tokens, int64_t max_new_tokens) 
   return written;
 }
 
+int64_t KvPolicyConfig::SlotsHeld(int64_t prompt_tokens, int64_t tokens) const {
+  if (tokens < prompt_tokens) return tokens;
+  switch (kind) {
+    case KvPolicyKind::kFull:
+      return tokens;
+    case KvPolicyKind::kSnapKv:
+      return prompt_tokens > capacity ? capacity + tokens - prompt_tokens : tokens;
+    case KvPolicyKind::kMorphKv:
+    case KvPolicyKind::kH2o:
+    case KvPolicyKind::kStreaming:
+      return std::min(tokens, capacity + 1);
+  }
+  return tokens;
+}
+
+int64_t KvPolicyConfig::SlotsForStep(int64_t prompt_tokens, int64_t tokens, int64_t n) const {
+  if (tokens < prompt_tokens) return tokens + n;
+  return SlotsHeld(prompt_tokens, tokens + n);
+}
+
 }  // namespace morphserve

@@ -58,6 +58,15 @@ struct KvPolicyConfig {
   // `prompt_tokens` followed by up to `max_new_tokens` generated tokens. The
   // prompt is held whole during prefill.
   int64_t MaxSlots(int64_t prompt_tokens, int64_t max_new_tokens) const;
+
+  // Slots held once `tokens` tokens of a sequence with a prompt of
+  // `prompt_tokens` have been processed (the prompt is complete once tokens
+  // reaches prompt_tokens, and selections happen then).
+  int64_t SlotsHeld(int64_t prompt_tokens, int64_t tokens) const;
+  // Slots a step needs while it writes `n` tokens after `tokens`: the
+  // prompt is held whole until it is complete; a full bounded cache writes
+  // into the slot it frees.
+  int64_t SlotsForStep(int64_t prompt_tokens, int64_t tokens, int64_t n) const;
 };
 
 // SnapKV's fixed observation window and pooling kernel (the official defaults).

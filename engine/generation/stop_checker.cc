@@ -6,17 +6,6 @@
 
 namespace morphserve::engine {
 
-std::string_view FinishReasonName(FinishReason reason) {
-  switch (reason) {
-    case FinishReason::kNone: return "none";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kCancelled: return "cancelled";
-  }
-  return "none";
-}
-
 absl::Status StopConditions::Validate() const {
   if (max_new_tokens <= 0) {
     return absl::InvalidArgumentError(

@@ -13,13 +13,14 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/finish_reason.h"
 #include "engine/tokenizer/incremental_detokenizer.h"
 #include "engine/tokenizer/tokenizer.h"
 
 namespace morphserve::engine {
 
-enum class FinishReason { kNone, kLength, kStop, kEos, kCancelled };
-std::string_view FinishReasonName(FinishReason reason);
+using ::morphserve::FinishReason;
+using ::morphserve::FinishReasonName;
 
 struct StopConditions {
   int64_t max_new_tokens = 256;

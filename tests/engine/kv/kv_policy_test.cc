@@ -212,6 +212,12 @@ TEST_P(KvPolicyTest, PagedMatchesDenseReference) {
     }
     ASSERT_LE(static_cast<int64_t>(paged.table().size()),
               (cfg.MaxSlots(tc.prompt, tc.steps + 1) + dm.block_size - 1) / dm.block_size);
+    // The scheduler's arithmetic agrees with what the engine holds.
+    ASSERT_EQ(resident, cfg.SlotsHeld(tc.prompt, done)) << "after position " << done;
+    if (done < total) {
+      const int64_t next = done >= tc.prompt ? 1 : std::min(tc.chunk, tc.prompt - done);
+      ASSERT_EQ(seq.SlotsNeeded(next), cfg.SlotsForStep(tc.prompt, done, next));
+    }
     const KvUsage usage = seq.Usage();
     ASSERT_EQ(usage.tokens_resident + usage.tokens_evicted, done);
     for (int64_t layer = 0; layer < dm.layers; ++layer) {
