@@ -14,6 +14,7 @@ constexpr std::string_view kUsage = R"(usage: morphserve <command> [options]
 
 commands:
   generate   generate text from a prompt or a chat message
+  batch      run many prompts through the scheduler and report throughput
   eval       measure each KV policy's fidelity to the full cache
   tokenize   print the token ids of text
   info       describe a model file: architecture, shapes, dtypes, tokenizer
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (command == "generate") return morphserve::cli::GenerateCommand(argc, argv, 2);
+  if (command == "batch") return morphserve::cli::BatchCommand(argc, argv, 2);
   if (command == "eval") return morphserve::cli::EvalCommand(argc, argv, 2);
   if (command == "tokenize") return morphserve::cli::TokenizeCommand(argc, argv, 2);
   if (command == "info") return morphserve::cli::InfoCommand(argc, argv, 2);

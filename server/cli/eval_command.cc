@@ -23,6 +23,7 @@
 #include "server/cli/arg_parser.h"
 #include "server/cli/commands.h"
 #include "server/cli/fidelity.h"
+#include "server/cli/generation_options.h"
 #include "server/cli/sequence_set.h"
 #include "tools/plot/line_plot.h"
 
@@ -186,7 +187,8 @@ absl::Status Run(const EvalOptions& o, const std::string& command_line) {
   }
   const engine::Tokenizer& tokenizer = *model->tokenizer;
   const engine::ModelConfig& cfg = model->config;
-  ASSIGN_OR_RETURN(const engine::ChatTemplate tmpl, engine::ChatTemplate::FromModel(tokenizer));
+  // Fails early, before any work, when the model has no chat template.
+  RETURN_IF_ERROR(engine::ChatTemplate::FromModel(tokenizer).status());
   ASSIGN_OR_RETURN(std::vector<FidelityStats> stats, BuildConfigs(o, cfg.context_length));
   std::error_code ec;
   std::filesystem::create_directories(o.out, ec);
@@ -206,10 +208,8 @@ absl::Status Run(const EvalOptions& o, const std::string& command_line) {
 
   for (size_t pi = 0; pi < prompts.size(); ++pi) {
     const EvalPrompt& prompt = prompts[pi];
-    const engine::ChatMessage message{"user", prompt.text};
-    ASSIGN_OR_RETURN(const std::string text, tmpl.Render({&message, 1}, true));
-    const std::vector<int32_t> tokens =
-        tokenizer.Encode(text, !tmpl.adds_bos_in_text(), /*parse_special=*/true);
+    ASSIGN_OR_RETURN(const std::vector<int32_t> tokens,
+                     EncodePrompt(tokenizer, prompt.text, /*chat=*/true));
     const int64_t prompt_len = static_cast<int64_t>(tokens.size());
     if (prompt_len + o.reference_tokens > cfg.context_length) {
       return absl::OutOfRangeError(StrCat("prompt ", prompt.id, " plus the reference exceeds the ",

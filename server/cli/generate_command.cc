@@ -19,6 +19,7 @@
 #include "nlohmann/json.hpp"
 #include "server/cli/arg_parser.h"
 #include "server/cli/commands.h"
+#include "server/cli/generation_options.h"
 #include "server/cli/kv_options.h"
 #include "server/cli/sequence_set.h"
 #include "spdlog/spdlog.h"
@@ -35,19 +36,7 @@ struct GenerateOptions {
   std::string prompt;
   std::string chat;
   std::string system;
-  int64_t max_tokens = 256;
-  int64_t min_tokens = 0;
-  bool ignore_eos = false;
-  std::vector<std::string> stop;
-  float temperature = 0.0f;
-  int64_t top_k = 0;
-  float top_p = 1.0f;
-  float min_p = 0.0f;
-  float repetition_penalty = 1.0f;
-  float presence_penalty = 0.0f;
-  float frequency_penalty = 0.0f;
-  int64_t seed = -1;
-  int64_t logprobs = 0;
+  GenerationFlags gen;
   int64_t threads = 0;
   int64_t block_size = 16;
   int64_t prefill_chunk = 512;
@@ -59,18 +48,6 @@ struct GenerateOptions {
 
 double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
-absl::StatusOr<std::vector<int32_t>> BuildPrompt(const GenerateOptions& o,
-                                                 const engine::Tokenizer& tokenizer) {
-  if (o.chat.empty()) return tokenizer.Encode(o.prompt, /*add_special=*/true,
-                                              /*parse_special=*/false);
-  ASSIGN_OR_RETURN(engine::ChatTemplate tmpl, engine::ChatTemplate::FromModel(tokenizer));
-  std::vector<engine::ChatMessage> messages;
-  if (!o.system.empty()) messages.push_back({"system", o.system});
-  messages.push_back({"user", o.chat});
-  ASSIGN_OR_RETURN(std::string text, tmpl.Render(messages, /*add_generation_prompt=*/true));
-  return tokenizer.Encode(text, /*add_special=*/!tmpl.adds_bos_in_text(),
-                          /*parse_special=*/true);
-}
 
 // The top-N alternatives of one generated token, most likely first.
 nlohmann::json TopLogprobsJson(const engine::SampleResult& r) {
@@ -81,22 +58,8 @@ nlohmann::json TopLogprobsJson(const engine::SampleResult& r) {
 
 absl::Status Run(const GenerateOptions& o) {
   SamplingParams sampling;
-  sampling.temperature = o.temperature;
-  sampling.top_k = static_cast<int32_t>(o.top_k);
-  sampling.top_p = o.top_p;
-  sampling.min_p = o.min_p;
-  sampling.repetition_penalty = o.repetition_penalty;
-  sampling.presence_penalty = o.presence_penalty;
-  sampling.frequency_penalty = o.frequency_penalty;
-  if (o.seed >= 0) sampling.seed = static_cast<uint64_t>(o.seed);
-  sampling.logprobs = static_cast<int32_t>(o.logprobs);
-  RETURN_IF_ERROR(sampling.Validate());
   engine::StopConditions stop;
-  stop.max_new_tokens = o.max_tokens;
-  stop.min_new_tokens = o.min_tokens;
-  stop.ignore_eos = o.ignore_eos;
-  stop.stop_strings = o.stop;
-  RETURN_IF_ERROR(stop.Validate());
+  RETURN_IF_ERROR(GenerationParams(o.gen, &sampling, &stop));
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.prompt.empty() == o.chat.empty()) {
     return absl::InvalidArgumentError("give exactly one of --prompt and --chat");
@@ -118,12 +81,14 @@ absl::Status Run(const GenerateOptions& o) {
   const engine::ModelConfig& cfg = model->config;
   spdlog::info("loaded {} ({}) in {:.2f}s", o.model, model->format, Seconds(Clock::now() - t_load));
 
-  ASSIGN_OR_RETURN(std::vector<int32_t> prompt, BuildPrompt(o, tokenizer));
+  const bool chat = !o.chat.empty();
+  ASSIGN_OR_RETURN(std::vector<int32_t> prompt,
+                   EncodePrompt(tokenizer, chat ? o.chat : o.prompt, chat, o.system));
   if (prompt.empty()) return absl::InvalidArgumentError("the prompt encodes to no tokens");
-  const int64_t total = static_cast<int64_t>(prompt.size()) + o.max_tokens;
+  const int64_t total = static_cast<int64_t>(prompt.size()) + o.gen.max_tokens;
   if (total > cfg.context_length) {
     return absl::OutOfRangeError(StrCat("prompt (", prompt.size(), " tokens) + max tokens (",
-                                              o.max_tokens, ") exceeds the context length ",
+                                              o.gen.max_tokens, ") exceeds the context length ",
                                               cfg.context_length));
   }
 
@@ -132,10 +97,10 @@ absl::Status Run(const GenerateOptions& o) {
   ThreadPool threads(o.threads > 0 ? static_cast<int>(o.threads) : ThreadPool::DefaultThreads());
   const int64_t prompt_tokens = static_cast<int64_t>(prompt.size());
   const int64_t blocks =
-      SequenceSet::BlocksFor(kv_policy, prompt_tokens, o.max_tokens, o.block_size);
+      SequenceSet::BlocksFor(kv_policy, prompt_tokens, o.gen.max_tokens, o.block_size);
   SequenceSet sequences(*model, &threads, {.reference_kernels = o.reference_kernels},
                         o.block_size, blocks);
-  ASSIGN_OR_RETURN(const int id, sequences.Add(kv_policy, prompt_tokens, o.max_tokens));
+  ASSIGN_OR_RETURN(const int id, sequences.Add(kv_policy, prompt_tokens, o.gen.max_tokens));
   engine::Sampler sampler(sampling, prompt);
   engine::StopChecker checker(tokenizer, stop);
 
@@ -161,7 +126,7 @@ absl::Status Run(const GenerateOptions& o) {
   while (finish == engine::FinishReason::kNone) {
     const engine::SampleResult r = sampler.Sample(std::span<float>(logits).first(cfg.vocab_size));
     generated.push_back(r.token);
-    if (o.logprobs > 0) {
+    if (o.gen.logprobs > 0) {
       logprobs.push_back(TopLogprobsJson(r));
       token_logprobs.push_back(r.logprob);
     }
@@ -195,7 +160,7 @@ absl::Status Run(const GenerateOptions& o) {
     };
     AddKvUsage(sequences.kv(id).Usage(), out["usage"]);
     out["usage"]["kv_blocks_peak_used"] = sequences.peak_blocks_used();
-    if (o.logprobs > 0) {
+    if (o.gen.logprobs > 0) {
       out["logprobs"] = std::move(logprobs);
       out["token_logprobs"] = token_logprobs;
     }
@@ -223,21 +188,7 @@ int GenerateCommand(int argc, char** argv, int first) {
   p.AddString("prompt", &o.prompt, "raw prompt text (BOS added as the model requires)");
   p.AddString("chat", &o.chat, "a user message, formatted with the model's chat template");
   p.AddString("system", &o.system, "system message for --chat");
-  p.AddInt("max-tokens", &o.max_tokens, "most tokens to generate");
-  p.AddInt("min-tokens", &o.min_tokens, "tokens to generate before EOS or stops count");
-  p.AddFlag("ignore-eos", &o.ignore_eos, "keep generating after end-of-sequence tokens");
-  p.AddList("stop", &o.stop, "stop string (repeatable); not included in the output");
-  p.AddFloat("temperature", &o.temperature, "sampling temperature; 0 is greedy");
-  p.AddInt("top-k", &o.top_k, "keep the k most likely tokens; 0 is off");
-  p.AddFloat("top-p", &o.top_p, "nucleus sampling mass in (0, 1]");
-  p.AddFloat("min-p", &o.min_p, "drop tokens below min-p times the top probability");
-  p.AddFloat("repetition-penalty", &o.repetition_penalty, "penalty for prompt and output tokens");
-  p.AddFloat("presence-penalty", &o.presence_penalty, "subtracted once from seen output tokens");
-  p.AddFloat("frequency-penalty", &o.frequency_penalty, "subtracted per occurrence in output");
-  p.AddInt("seed", &o.seed, "random seed (-1: random); same seed, same output");
-  p.AddInt("logprobs", &o.logprobs,
-           "with --json: the top-N alternatives of each token (`logprobs`) and the chosen "
-           "token's log-probability (`token_logprobs`)");
+  AddGenerationFlags(p, &o.gen);
   p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
   p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
   p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");

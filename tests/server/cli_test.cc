@@ -59,7 +59,7 @@ TEST(CliTest, VersionNamesCommitAndBackends) {
 }
 
 TEST(CliTest, EverySubcommandHasHelp) {
-  for (const char* cmd : {"generate", "eval", "tokenize", "info"}) {
+  for (const char* cmd : {"generate", "batch", "eval", "tokenize", "info"}) {
     const Result r = RunCli(std::string(cmd) + " --help");
     EXPECT_EQ(r.exit_code, 0) << cmd;
     EXPECT_THAT(r.out, HasSubstr("usage: morphserve " + std::string(cmd))) << cmd;
@@ -287,6 +287,44 @@ TEST(CliTest, EvalWritesResultsThatMatchFreeRunning) {
   if (static_cast<size_t>(divergence) < std::min<size_t>(end, 64)) {
     EXPECT_NE(tokens[divergence], reference[divergence]);
   }
+}
+
+TEST(CliTest, BatchRunsEveryPromptAndPrintsASummary) {
+  const std::string prompts = ::testing::TempDir() + "/batch_prompts.txt";
+  std::ofstream(prompts) << "Hello\nOnce upon a time\n\nThe sky is\nOne two three\nA B C\n";
+  const std::string out = ::testing::TempDir() + "/batch_out.jsonl";
+  const Result r = RunCli("batch --threads 2 --model " + kTinyModel + " --prompts " + prompts +
+                          " --concurrency 3 --max-tokens 8 --ignore-eos --kv-cache-blocks 64 "
+                          "--block-size 8 --output " + out + " --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const nlohmann::json summary = nlohmann::json::parse(r.out);
+  EXPECT_EQ(summary["requests"], 5);
+  EXPECT_EQ(summary["failed"], 0);
+  EXPECT_EQ(summary["output_tokens"], 40);
+  EXPECT_EQ(summary["kv_blocks_total"], 64);
+  EXPECT_LE(summary["peak_running"].get<int64_t>(), 3);
+  EXPECT_GE(summary["mean_running"].get<double>(), 1.0);
+  for (const char* key : {"output_tokens_per_s", "preemptions", "kv_blocks_peak_used"}) {
+    EXPECT_TRUE(summary.contains(key)) << key;
+  }
+  std::ifstream lines(out);
+  std::string line;
+  int n = 0;
+  while (std::getline(lines, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    EXPECT_EQ(j["index"], n++);
+    EXPECT_EQ(j["finish_reason"], "length");
+    EXPECT_EQ(j["tokens"].size(), 8u);
+  }
+  EXPECT_EQ(n, 5);
+  // A request that could never fit the pool fails alone; the rest still run.
+  const Result small = RunCli("batch --threads 1 --model " + kTinyModel + " --prompts " +
+                              prompts + " --max-tokens 200 --kv-cache-blocks 4 --json");
+  ASSERT_EQ(small.exit_code, 0) << small.out;
+  EXPECT_EQ(nlohmann::json::parse(small.out)["failed"], 5);
+  EXPECT_EQ(RunCli("batch --model " + kTinyModel + " --prompts " + prompts + " --concurrency 0")
+                .exit_code,
+            1);
 }
 
 TEST(CliTest, DummyWeightsFollowTheConfigAndTheLayerOverride) {

@@ -1,0 +1,228 @@
+#include "server/engine_loop.h"
+
+#include <utility>
+
+#include "common/status.h"
+#include "common/strings.h"
+
+namespace morphserve::server {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+}  // namespace
+
+EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options)
+    : model_(model),
+      options_(options),
+      pool_(options.threads > 0 ? options.threads : ThreadPool::DefaultThreads()),
+      executor_(model, &pool_, options.num_blocks, options.block_size,
+                {.reference_kernels = options.reference_kernels}),
+      scheduler_({options.num_blocks, options.block_size, options.max_num_seqs,
+                  options.max_num_batched_tokens}) {
+  stats_.total_blocks = options.num_blocks;
+  stats_.free_blocks = options.num_blocks;
+  thread_ = std::thread([this] { Run(); });
+}
+
+EngineLoop::~EngineLoop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+  for (auto& [id, live] : live_) {
+    StreamEvent e;
+    e.error = absl::CancelledError("the engine stopped");
+    live.stream->Push(std::move(e));
+  }
+  for (Pending& p : inbox_) {
+    StreamEvent e;
+    e.error = absl::CancelledError("the engine stopped");
+    p.stream->Push(std::move(e));
+  }
+}
+
+absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Submit(
+    GenerationRequest request) {
+  const engine::ModelConfig& c = model_.config;
+  if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt is empty");
+  for (int32_t t : request.prompt) {
+    if (t < 0 || t >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          StrCat("token id ", t, " is outside the vocabulary [0, ", c.vocab_size, ")"));
+    }
+  }
+  RETURN_IF_ERROR(request.sampling.Validate());
+  RETURN_IF_ERROR(request.stop.Validate());
+  RETURN_IF_ERROR(request.kv.Validate(c.context_length));
+  const int64_t prompt = static_cast<int64_t>(request.prompt.size());
+  if (prompt + request.stop.max_new_tokens > c.context_length) {
+    return absl::OutOfRangeError(StrCat("prompt (", prompt, " tokens) + max_new_tokens (",
+                                        request.stop.max_new_tokens,
+                                        ") exceeds the context length ", c.context_length));
+  }
+  const int64_t blocks = (request.kv.MaxSlots(prompt, request.stop.max_new_tokens) +
+                          options_.block_size - 1) / options_.block_size;
+  if (blocks > options_.num_blocks) {
+    return absl::ResourceExhaustedError(
+        StrCat("the request needs up to ", blocks, " KV blocks under its '",
+               KvPolicyName(request.kv.kind), "' policy; the pool has ", options_.num_blocks));
+  }
+  auto stream = std::make_shared<TokenStream>();
+  int64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return absl::UnavailableError("the engine is stopping");
+    id = next_id_++;
+    inbox_.push_back({id, std::move(request), stream, Clock::now()});
+  }
+  wake_.notify_all();
+  return std::make_pair(id, stream);
+}
+
+void EngineLoop::Cancel(int64_t id) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancels_.push_back(id);
+  }
+  wake_.notify_all();
+}
+
+EngineStats EngineLoop::Stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+void EngineLoop::Finish(int64_t id, FinishReason finish, absl::Status error) {
+  const auto it = live_.find(id);
+  if (it == live_.end()) return;
+  Live& live = it->second;
+  StreamEvent e;
+  e.finish = finish;
+  e.error = std::move(error);
+  e.usage.prompt_tokens = live.prompt_tokens;
+  e.usage.completion_tokens = live.completion_tokens;
+  e.usage.kv = executor_.Usage(id);
+  if (live.first_scheduled) e.usage.queue_seconds = Seconds(*live.first_scheduled - live.submitted);
+  if (live.first_token) {
+    e.usage.time_to_first_token_seconds = Seconds(*live.first_token - live.submitted);
+  }
+  live.stream->Push(std::move(e));
+  executor_.RemoveSequence(id);
+  live_.erase(it);
+}
+
+void EngineLoop::Run() {
+  StepResult result;
+  std::vector<engine::TokenOutput> outputs;
+  for (;;) {
+    std::vector<Pending> inbox;
+    std::vector<int64_t> cancels;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      const bool busy = !live_.empty();
+      if (!busy) {
+        wake_.wait_for(lock, std::chrono::milliseconds(50),
+                       [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });
+      }
+      if (stop_) return;
+      inbox.swap(inbox_);
+      cancels.swap(cancels_);
+    }
+    for (Pending& p : inbox) {
+      scheduler::SequenceRequest sr;
+      sr.id = p.id;
+      sr.prompt = p.request.prompt;
+      sr.max_new_tokens = p.request.stop.max_new_tokens;
+      sr.kv = p.request.kv;
+      sr.priority = p.request.priority;
+      sr.deadline = p.request.deadline;
+      absl::Status s = executor_.AddSequence(p.id, p.request.prompt, p.request.sampling,
+                                             p.request.stop, p.request.kv);
+      if (s.ok()) s = scheduler_.Add(std::move(sr));
+      if (!s.ok()) {
+        executor_.RemoveSequence(p.id);
+        StreamEvent e;
+        e.error = s;
+        p.stream->Push(std::move(e));
+        continue;
+      }
+      live_.emplace(p.id, Live{p.stream, p.submitted, std::nullopt, std::nullopt,
+                               static_cast<int64_t>(p.request.prompt.size()), 0});
+    }
+    for (int64_t id : cancels) {
+      if (scheduler_.Cancel(id)) Finish(id, FinishReason::kCancelled, absl::OkStatus());
+    }
+    for (const scheduler::TokenEvent& e : scheduler_.ExpireDeadlines(Clock::now())) {
+      Finish(e.seq_id, FinishReason::kCancelled,
+             absl::DeadlineExceededError("the request passed its deadline"));
+    }
+    const StepPlan& plan = scheduler_.Schedule();
+    if (plan.sequences.empty()) {
+      PublishStats(0, 0, /*stepped=*/false);
+      continue;
+    }
+    const Clock::time_point now = Clock::now();
+    int64_t decoding = 0;
+    for (const ScheduledSequence& s : plan.sequences) {
+      Live& live = live_.at(s.seq_id);
+      if (!live.first_scheduled) live.first_scheduled = now;
+      if (!s.prompt_pending && !s.fresh && s.tokens.size() == 1) ++decoding;
+    }
+    if (absl::Status s = executor_.Execute(plan, &result, &outputs); !s.ok()) {
+      std::vector<int64_t> failed;
+      for (const ScheduledSequence& seq : plan.sequences) failed.push_back(seq.seq_id);
+      for (int64_t id : failed) {
+        scheduler_.Cancel(id);
+        Finish(id, FinishReason::kNone, s);
+      }
+      continue;
+    }
+    const std::vector<scheduler::TokenEvent> events = scheduler_.Update(result);
+    const Clock::time_point done = Clock::now();
+    int64_t new_tokens = 0;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      engine::TokenOutput& out = outputs[i];
+      if (out.token < 0) continue;
+      Live& live = live_.at(out.seq_id);
+      ++live.completion_tokens;
+      ++new_tokens;
+      if (!live.first_token) live.first_token = done;
+      StreamEvent e;
+      e.token = out.token;
+      e.text = std::move(out.text);
+      e.logprob = out.logprob;
+      e.top = std::move(out.top);
+      live.stream->Push(std::move(e));
+    }
+    for (const scheduler::TokenEvent& e : events) {
+      if (e.finish != FinishReason::kNone) Finish(e.seq_id, e.finish, absl::OkStatus());
+    }
+    PublishStats(decoding, new_tokens, /*stepped=*/true);
+  }
+}
+
+void EngineLoop::PublishStats(int64_t decoding, int64_t new_tokens, bool stepped) {
+  const scheduler::SchedulerStats s = scheduler_.Stats();
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.running = s.running;
+  stats_.waiting = s.waiting;
+  stats_.free_blocks = s.free_blocks;
+  stats_.peak_used_blocks = std::max(stats_.peak_used_blocks, s.used_blocks);
+  stats_.peak_running = std::max(stats_.peak_running, decoding);
+  stats_.preemptions = s.preemptions;
+  stats_.output_tokens += new_tokens;
+  if (!stepped) return;
+  ++stats_.steps;
+  if (decoding > 0) {
+    ++stats_.decode_steps;
+    stats_.decoding_sum += decoding;
+  }
+}
+
+}  // namespace morphserve::server

@@ -1,0 +1,120 @@
+// The one thread that owns the scheduler and the executor. Other threads
+// submit requests and cancellations through a locked inbox and read tokens
+// from each request's TokenStream; the loop never blocks on them.
+#ifndef MORPHSERVE_SERVER_ENGINE_LOOP_H_
+#define MORPHSERVE_SERVER_ENGINE_LOOP_H_
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/kv_policy.h"
+#include "common/sampling_params.h"
+#include "common/thread_pool.h"
+#include "engine/executor/executor.h"
+#include "engine/generation/stop_checker.h"
+#include "engine/model/model.h"
+#include "scheduler/scheduler.h"
+#include "server/token_stream.h"
+
+namespace morphserve::server {
+
+struct EngineOptions {
+  int64_t num_blocks = 0;
+  int64_t block_size = 16;
+  int64_t max_num_seqs = 256;
+  int64_t max_num_batched_tokens = 2048;
+  int threads = 0;  // 0: all cores
+  bool reference_kernels = false;
+};
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;
+  SamplingParams sampling;
+  engine::StopConditions stop;
+  KvPolicyConfig kv;
+  int32_t priority = 0;
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+};
+
+struct EngineStats {
+  int64_t running = 0;
+  int64_t waiting = 0;
+  int64_t free_blocks = 0;
+  int64_t total_blocks = 0;
+  int64_t peak_used_blocks = 0;
+  int64_t peak_running = 0;
+  int64_t preemptions = 0;
+  int64_t steps = 0;
+  int64_t decode_steps = 0;         // steps that decoded at least one sequence
+  int64_t decoding_sum = 0;         // sequences decoding, summed over decode steps
+  int64_t output_tokens = 0;
+};
+
+class EngineLoop {
+ public:
+  EngineLoop(const engine::Model& model, const EngineOptions& options);
+  ~EngineLoop();  // stops the thread; unfinished streams get a Cancelled error
+  EngineLoop(const EngineLoop&) = delete;
+  EngineLoop& operator=(const EngineLoop&) = delete;
+
+  // Validates and queues a request. Errors here are immediate: invalid
+  // parameters (InvalidArgument, OutOfRange) or a request that could never
+  // fit the KV pool (ResourceExhausted).
+  absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> Submit(
+      GenerationRequest request);
+  // Ends the request after the step in flight, freeing its blocks; its
+  // stream gets a last event with finish kCancelled.
+  void Cancel(int64_t id);
+
+  EngineStats Stats() const;
+
+ private:
+  struct Pending {
+    int64_t id;
+    GenerationRequest request;
+    std::shared_ptr<TokenStream> stream;
+    std::chrono::steady_clock::time_point submitted;
+  };
+  struct Live {
+    std::shared_ptr<TokenStream> stream;
+    std::chrono::steady_clock::time_point submitted;
+    std::optional<std::chrono::steady_clock::time_point> first_scheduled, first_token;
+    int64_t prompt_tokens = 0;
+    int64_t completion_tokens = 0;
+  };
+
+  void Run();
+  void Finish(int64_t id, FinishReason finish, absl::Status error);
+  // Copies the scheduler's figures into stats_ for other threads.
+  void PublishStats(int64_t decoding, int64_t new_tokens, bool stepped);
+
+  const engine::Model& model_;
+  EngineOptions options_;
+  ThreadPool pool_;
+  engine::Executor executor_;
+  scheduler::Scheduler scheduler_;
+  std::map<int64_t, Live> live_;  // engine thread only
+
+  mutable std::mutex mu_;
+  std::condition_variable wake_;
+  std::vector<Pending> inbox_;
+  std::vector<int64_t> cancels_;
+  bool stop_ = false;
+  int64_t next_id_ = 1;
+  EngineStats stats_;  // guarded by mu_; updated once per step
+
+  std::thread thread_;
+};
+
+}  // namespace morphserve::server
+
+#endif  // MORPHSERVE_SERVER_ENGINE_LOOP_H_
