@@ -25,6 +25,7 @@ EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options)
                   options.max_num_batched_tokens}) {
   stats_.total_blocks = options.num_blocks;
   stats_.free_blocks = options.num_blocks;
+  started_ = Clock::now();
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -96,6 +97,11 @@ void EngineLoop::Cancel(int64_t id) {
 EngineStats EngineLoop::Stats() const {
   std::lock_guard<std::mutex> lock(mu_);
   return stats_;
+}
+
+std::vector<StepSample> EngineLoop::Timeline() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return timeline_;
 }
 
 void EngineLoop::Finish(int64_t id, FinishReason finish, absl::Status error) {
@@ -218,6 +224,10 @@ void EngineLoop::PublishStats(int64_t decoding, int64_t new_tokens, bool stepped
   stats_.preemptions = s.preemptions;
   stats_.output_tokens += new_tokens;
   if (!stepped) return;
+  if (options_.record_timeline) {
+    timeline_.push_back({Seconds(Clock::now() - started_), decoding, s.running, s.waiting,
+                         s.used_blocks, new_tokens});
+  }
   ++stats_.steps;
   if (decoding > 0) {
     ++stats_.decode_steps;

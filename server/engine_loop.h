@@ -34,6 +34,17 @@ struct EngineOptions {
   int64_t max_num_batched_tokens = 2048;
   int threads = 0;  // 0: all cores
   bool reference_kernels = false;
+  bool record_timeline = false;  // keep one StepSample per step (benchmarks)
+};
+
+// The engine after one step, for plots of a run.
+struct StepSample {
+  double seconds = 0.0;  // since the loop started
+  int64_t decoding = 0;
+  int64_t running = 0;
+  int64_t waiting = 0;
+  int64_t used_blocks = 0;
+  int64_t output_tokens = 0;  // in this step
 };
 
 struct GenerationRequest {
@@ -76,6 +87,8 @@ class EngineLoop {
   void Cancel(int64_t id);
 
   EngineStats Stats() const;
+  // Every step so far (with EngineOptions::record_timeline).
+  std::vector<StepSample> Timeline() const;
 
  private:
   struct Pending {
@@ -111,6 +124,8 @@ class EngineLoop {
   bool stop_ = false;
   int64_t next_id_ = 1;
   EngineStats stats_;  // guarded by mu_; updated once per step
+  std::vector<StepSample> timeline_;  // guarded by mu_
+  std::chrono::steady_clock::time_point started_;
 
   std::thread thread_;
 };
