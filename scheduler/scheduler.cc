@@ -92,6 +92,13 @@ bool Scheduler::Cancel(int64_t id) {
   return true;
 }
 
+bool Scheduler::Fail(int64_t id) {
+  const auto it = sequences_.find(id);
+  if (it == sequences_.end()) return false;
+  Release(it->second, SequenceState::kFailed, FinishReason::kNone);
+  return true;
+}
+
 std::vector<TokenEvent> Scheduler::ExpireDeadlines(Clock::time_point now) {
   std::vector<int64_t> expired;
   for (const auto& [id, seq] : sequences_) {

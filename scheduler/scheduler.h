@@ -64,6 +64,8 @@ class Scheduler {
   // Ends the sequence wherever it is and returns its blocks at once. False
   // when the id is unknown or already ended.
   bool Cancel(int64_t id);
+  // Ends the sequence as failed (its step could not run); same otherwise.
+  bool Fail(int64_t id);
   // Cancels every sequence whose deadline is at or before `now`.
   std::vector<TokenEvent> ExpireDeadlines(Clock::time_point now);
 

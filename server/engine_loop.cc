@@ -184,7 +184,7 @@ void EngineLoop::Run() {
       std::vector<int64_t> failed;
       for (const ScheduledSequence& seq : plan.sequences) failed.push_back(seq.seq_id);
       for (int64_t id : failed) {
-        scheduler_.Cancel(id);
+        scheduler_.Fail(id);
         Finish(id, FinishReason::kNone, s);
       }
       continue;

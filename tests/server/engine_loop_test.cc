@@ -4,6 +4,9 @@
 #include "server/engine_loop.h"
 
 #include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
 #include <map>
 #include <memory>
 #include <random>
@@ -148,6 +151,44 @@ TEST_F(EngineLoopTest, PreemptedRequestsRecomputeToTheSameTokens) {
   EXPECT_EQ(Drain(*a->second, &finish), jobs[0].tokens);
   EXPECT_EQ(Drain(*b->second, &finish), jobs[1].tokens);
   EXPECT_GT(together.Stats().preemptions, 0);
+}
+
+// The same on the default model (SmolLM2-135M), when it has been fetched.
+TEST(EngineLoopDefaultModelTest, ConcurrentRunsMatchEachRequestAlone) {
+  const char* dir = std::getenv("MORPHSERVE_MODELS_DIR");
+  const std::string path = std::string(dir != nullptr ? dir : MORPHSERVE_SOURCE_DIR "/models") +
+                           "/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (!std::filesystem::exists(path)) {
+    const char* require = std::getenv("MORPHSERVE_REQUIRE_MODELS");
+    if (require != nullptr && std::string(require) == "1") FAIL() << "missing " << path;
+    GTEST_SKIP() << "no " << path << "; run scripts/fetch_model.sh";
+  }
+  auto model = engine::LoadModel({.path = path});
+  ASSERT_TRUE(model.ok()) << model.status();
+  std::vector<Job> jobs = MakeJobs(10, 32000);
+  for (Job& job : jobs) job.request.stop.max_new_tokens = 24 + job.request.stop.max_new_tokens % 16;
+  {
+    EngineLoop alone(**model, {.num_blocks = 64, .block_size = 8, .threads = 2});
+    for (Job& job : jobs) {
+      auto s = alone.Submit(job.request);
+      ASSERT_TRUE(s.ok()) << s.status();
+      FinishReason finish;
+      job.tokens = Drain(*s->second, &finish);
+    }
+  }
+  EngineLoop together(**model, {.num_blocks = 24, .block_size = 8, .max_num_seqs = 6,
+                                .max_num_batched_tokens = 48, .threads = 2});
+  std::vector<std::shared_ptr<TokenStream>> streams;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    auto s = together.Submit(jobs[i].request);
+    ASSERT_TRUE(s.ok()) << s.status();
+    streams.push_back(s->second);
+    if (i % 3 == 2) std::this_thread::sleep_for(std::chrono::milliseconds(30));
+  }
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    FinishReason finish;
+    EXPECT_EQ(Drain(*streams[i], &finish), jobs[i].tokens) << "request " << i;
+  }
 }
 
 TEST_F(EngineLoopTest, BadRequestsAreRefusedAndTheLoopKeepsServing) {
