@@ -114,10 +114,16 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
   const bool snap = config_.kind == KvPolicyKind::kSnapKv && select && !selected_ &&
                     tokens > config_.capacity;
   Grow(scratch, static_cast<size_t>(shape_.num_kv_heads));
-  const std::function<void(int64_t, int64_t)> run = [&](int64_t begin, int64_t end) {
+  const int64_t slots = ContextSlots(n - 1);
+  const auto head_step = [&](int64_t kv_head) {
+    return HeadStep{layer, kv_head, n, tokens, slots, layer * shape_.num_kv_heads + kv_head};
+  };
+  const bool morph = evict && config_.kind == KvPolicyKind::kMorphKv;
+  std::vector<int64_t>& rows = morph_rows_;
+  rows.assign(shape_.num_kv_heads, 0);
+  const std::function<void(int64_t, int64_t)> prepare = [&](int64_t begin, int64_t end) {
     for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
-      const HeadStep h{layer, kv_head, n, tokens, ContextSlots(n - 1),
-                       layer * shape_.num_kv_heads + kv_head};
+      const HeadStep h = head_step(kv_head);
       KvScratch& s = scratch[kv_head];
       if (!aligned_) {
         for (int64_t i = 0; i < n; ++i) {
@@ -132,23 +138,46 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
       if (!evict) continue;
       BuildCandidateMask(h, s);
       Grow(s.scores, h.slots);
-      switch (config_.kind) {
-        case KvPolicyKind::kMorphKv:
-          MorphKvScores(h, cache, block_table, s);
-          break;
-        case KvPolicyKind::kH2o:
-          std::copy_n(h2o_scores_[h.index].begin(), h.slots, s.scores.begin());
-          break;
-        default:  // streaming: the oldest candidate goes first
-          for (int64_t j = 0; j < h.slots; ++j) {
-            s.scores[j] = static_cast<float>(Position(h.index, j));
-          }
-          break;
+      if (morph) {
+        rows[kv_head] = MorphKvRows(h, s);
+        Grow(s.logits, rows[kv_head] * h.slots);
+      } else if (config_.kind == KvPolicyKind::kH2o) {
+        std::copy_n(h2o_scores_[h.index].begin(), h.slots, s.scores.begin());
+      } else {  // streaming: the oldest candidate goes first
+        for (int64_t j = 0; j < h.slots; ++j) {
+          s.scores[j] = static_cast<float>(Position(h.index, j));
+        }
       }
-      SelectVictim(h, cache, block_table, s);
     }
   };
-  pool->ParallelFor(shape_.num_kv_heads, 1, run);
+  pool->ParallelFor(shape_.num_kv_heads, 1, prepare);
+  if (morph) {
+    // The window logits are most of the work: split every head's slots into
+    // block-aligned chunks so that all threads share it.
+    const int64_t bs = shape_.block_size;
+    const int64_t chunk =
+        std::max<int64_t>(bs, (slots + 4 * bs - 1) / (4 * bs) * bs);
+    const int64_t chunks = (slots + chunk - 1) / chunk;
+    const std::function<void(int64_t, int64_t)> logits = [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t kv_head = u / chunks;
+        const int64_t first = (u % chunks) * chunk;
+        MorphKvLogits(head_step(kv_head), cache, block_table, rows[kv_head], first,
+                      std::min(slots, first + chunk), scratch[kv_head]);
+      }
+    };
+    pool->ParallelFor(shape_.num_kv_heads * chunks, 1, logits);
+  }
+  if (evict) {
+    const std::function<void(int64_t, int64_t)> choose = [&](int64_t begin, int64_t end) {
+      for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
+        const HeadStep h = head_step(kv_head);
+        if (morph) MorphKvFuse(h, rows[kv_head], scratch[kv_head]);
+        SelectVictim(h, cache, block_table, scratch[kv_head]);
+      }
+    };
+    pool->ParallelFor(shape_.num_kv_heads, 1, choose);
+  }
   policy_nanos_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
                        std::chrono::steady_clock::now() - start)
                        .count();
@@ -183,8 +212,7 @@ void KvSequence::BuildCandidateMask(const HeadStep& h, KvScratch& s) const {
   }
 }
 
-void KvSequence::MorphKvScores(const HeadStep& h, const PagedKvCache& cache,
-                               std::span<const int32_t> table, KvScratch& s) const {
+int64_t KvSequence::MorphKvRows(const HeadStep& h, KvScratch& s) const {
   const int64_t d = shape_.head_dim;
   const int64_t group = num_heads_ / shape_.num_kv_heads;
   const int64_t w = config_.window;
@@ -193,8 +221,6 @@ void KvSequence::MorphKvScores(const HeadStep& h, const PagedKvCache& cache,
   const auto query = [&](int64_t position, int64_t head) {
     return ring + (position % ring_size_) * ring_row + head * d;
   };
-  int64_t rows = 0;
-  int64_t fuse_group = 1;
   if (config_.aggregation == MorphKvAggregation::kGroupLogitSum) {
     // Rows t-W .. t-1; the group's logits are summed, which is the logit of
     // the summed query.
@@ -207,27 +233,40 @@ void KvSequence::MorphKvScores(const HeadStep& h, const PagedKvCache& cache,
         for (int64_t e = 0; e < d; ++e) row[e] += qh[e];
       }
     }
-    rows = w;
-  } else {
-    // Rows t-W+1 .. t-1, every head of the group; max over the group later.
-    Grow(s.rows, (w - 1) * group * d);
-    for (int64_t r = 0; r < w - 1; ++r) {
-      for (int64_t g = 0; g < group; ++g) {
-        std::memcpy(&s.rows[(r * group + g) * d], query(h.tokens - w + 1 + r, h.kv_head * group + g),
-                    d * sizeof(float));
-      }
-    }
-    rows = (w - 1) * group;
-    fuse_group = group;
+    return w;
   }
-  const kernels::PagedKeys keys{cache.keys(h.layer), table.data(), shape_.block_size,
-                                shape_.num_kv_heads, h.kv_head,   d,
-                                h.slots};
-  Grow(s.logits, rows * h.slots);
+  // Rows t-W+1 .. t-1, every head of the group; max over the group later.
+  Grow(s.rows, (w - 1) * group * d);
+  for (int64_t r = 0; r < w - 1; ++r) {
+    for (int64_t g = 0; g < group; ++g) {
+      std::memcpy(&s.rows[(r * group + g) * d], query(h.tokens - w + 1 + r, h.kv_head * group + g),
+                  d * sizeof(float));
+    }
+  }
+  return (w - 1) * group;
+}
+
+void KvSequence::MorphKvLogits(const HeadStep& h, const PagedKvCache& cache,
+                               std::span<const int32_t> table, int64_t rows, int64_t begin,
+                               int64_t end, KvScratch& s) const {
+  // `begin` is a multiple of the block size, so the chunk starts a block.
+  const int64_t d = shape_.head_dim;
+  const kernels::PagedKeys keys{cache.keys(h.layer),
+                                table.data() + begin / shape_.block_size,
+                                shape_.block_size,
+                                shape_.num_kv_heads,
+                                h.kv_head,
+                                d,
+                                end - begin};
   kernels::PagedKeyLogits(keys, s.rows.data(), d, rows, 1.0f / std::sqrt(static_cast<float>(d)),
-                          s.logits.data(), h.slots);
+                          s.logits.data() + begin, h.slots);
+}
+
+void KvSequence::MorphKvFuse(const HeadStep& h, int64_t rows, KvScratch& s) const {
+  const int64_t group = num_heads_ / shape_.num_kv_heads;
+  const bool per_head = config_.aggregation == MorphKvAggregation::kGroupMaxProb;
   kernels::MaskedSoftmaxRows(s.logits.data(), rows, h.slots, h.slots, s.mask.data(), nullptr);
-  kernels::FuseRows(s.logits.data(), rows, fuse_group, h.slots, h.slots,
+  kernels::FuseRows(s.logits.data(), rows, per_head ? group : 1, h.slots, h.slots,
                     config_.fusion == KvFusion::kMax, s.scores.data());
 }
 

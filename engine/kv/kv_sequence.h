@@ -103,8 +103,14 @@ class KvSequence {
   void PushQueries(int64_t layer, const float* q, int64_t q_stride, int64_t n);
   void AccumulateH2o(const HeadStep& h, const float* q, int64_t q_stride,
                      const PagedKvCache& cache, std::span<const int32_t> table, KvScratch& s);
-  void MorphKvScores(const HeadStep& h, const PagedKvCache& cache,
-                     std::span<const int32_t> table, KvScratch& s) const;
+  // MorphKV's scores in three parts, so that the logits can be split over
+  // threads: the window rows (returns their count), the logits of slots
+  // [begin, end), then the softmax over the candidates and the fusion.
+  int64_t MorphKvRows(const HeadStep& h, KvScratch& s) const;
+  void MorphKvLogits(const HeadStep& h, const PagedKvCache& cache,
+                     std::span<const int32_t> table, int64_t rows, int64_t begin, int64_t end,
+                     KvScratch& s) const;
+  void MorphKvFuse(const HeadStep& h, int64_t rows, KvScratch& s) const;
   void SnapKvSelect(const HeadStep& h, PagedKvCache& cache, std::span<const int32_t> table,
                     KvScratch& s);
   // Picks the next token's victim from s.scores over the candidate slots in
@@ -129,6 +135,7 @@ class KvSequence {
   bool overwrite_ = false;  // this step's token goes into victim_ slots
   bool selected_ = false;   // SnapKV's one selection is done
   int64_t policy_nanos_ = 0;
+  std::vector<int64_t> morph_rows_;  // per KV head, during AfterAttention
 
   // Indexed [layer * num_kv_heads + kv_head].
   std::vector<std::vector<int32_t>> positions_;  // per slot; empty while aligned
