@@ -135,24 +135,25 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
   task.q = q_.data();
   task.out = attn_.data();
   task.q_dim = c.q_dim();
+  // One unit per (token, KV head): the group's query heads share each key.
   const std::function<void(int64_t, int64_t)> run = [&task](int64_t begin, int64_t end) {
     kernels::PagedAttentionArgs local = task.args;
-    const int64_t heads = local.num_heads;
-    const int64_t dim = local.head_dim;
+    const int64_t kv_heads = local.num_kv_heads;
+    const int64_t group_dim = local.num_heads / kv_heads * local.head_dim;
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t i = u / heads;
-      const int64_t h = u % heads;
+      const int64_t i = u / kv_heads;
+      const int64_t g = u % kv_heads;
       const int64_t t = task.seq->token_offset + i;
       local.context_len = task.seq->kv != nullptr ? task.seq->kv->ContextSlots(i)
                                                   : task.seq->start_position + i + 1;
-      kernels::PagedAttentionHead(local, task.q + t * task.q_dim + h * dim, h,
-                                  task.out + t * task.q_dim + h * dim);
+      kernels::PagedAttentionGroup(local, task.q + t * task.q_dim + g * group_dim, g,
+                                   task.out + t * task.q_dim + g * group_dim);
     }
   };
   for (const SequenceInput& seq : batch.sequences) {
     task.seq = &seq;
     task.args.block_table = seq.block_table.data();
-    pool_->ParallelFor(seq.num_tokens * c.num_heads, 1, run);
+    pool_->ParallelFor(seq.num_tokens * c.num_kv_heads, 1, run);
     if (seq.kv != nullptr) {
       seq.kv->AfterAttention(layer, q_.data() + seq.token_offset * c.q_dim(), c.q_dim(),
                              seq.num_tokens, seq.prompt_pending, cache, seq.block_table, pool_,

@@ -1,12 +1,12 @@
 #include "kernels/cpu/kv_scoring.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "kernels/cpu/paged_attention.h"
+#include "kernels/cpu/tile_internal.h"
 
 namespace morphserve::kernels {
 namespace {
@@ -15,49 +15,28 @@ namespace {
 // AVX-512, AVX2+FMA and baseline, chosen at load time.
 #define MORPHSERVE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
 
-constexpr int64_t kTile = 16;  // keys per transposed tile
 constexpr int64_t kRowsPerPass = 4;
-
-// exp(x) as 2^k * p(y): k = round(x log2 e), y = x - k ln2, p a degree-6
-// Taylor polynomial of e^y on |y| <= ln2/2. Branch-free so that it vectorizes.
-#pragma omp declare simd notinbranch
-inline float ExpScalar(float x) {
-  const float clamped = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(clamped * 1.44269504f + 0.5f);
-  // x - k ln2 with ln2 split in two (Cody-Waite), exact enough at |x| ~ 87.
-  const float y = (clamped - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
-  p = p * y + 1.0f / 120.0f;
-  p = p * y + 1.0f / 24.0f;
-  p = p * y + 1.0f / 6.0f;
-  p = p * y + 0.5f;
-  p = p * y + 1.0f;
-  p = p * y + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  const float r = p * std::bit_cast<float>(bits);
-  return x < -87.0f ? 0.0f : r;
-}
 
 MORPHSERVE_SIMD_CLONES
 void ExpLoop(const float* x, float* y, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] = ExpScalar(x[i]);
+  for (int64_t i = 0; i < n; ++i) y[i] = internal::ExpApprox(x[i]);
 }
 
 // Up to kRowsPerPass query rows against one transposed tile of keys
-// kt[d][kTile]: out[r][j] = scale * sum_d q_r[d] kt[d][j].
+// kt[d][internal::kTile]: out[r][j] = scale * sum_d q_r[d] kt[d][j].
 MORPHSERVE_SIMD_CLONES
-void TileLogits(const float* kt, int64_t head_dim, const float* q, int64_t q_stride,
+void TileLogitsImpl(const float* kt, int64_t head_dim, const float* q, int64_t q_stride,
                 int64_t rows, float scale, float* out, int64_t ld, int64_t width) {
   for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPass) {
     const int64_t nr = std::min(kRowsPerPass, rows - r0);
-    float acc[kRowsPerPass][kTile] = {};
+    float acc[kRowsPerPass][internal::kTile] = {};
     for (int64_t d = 0; d < head_dim; ++d) {
-      const float* krow = kt + d * kTile;
+      const float* krow = kt + d * internal::kTile;
       for (int64_t r = 0; r < nr; ++r) {
         const float qv = q[(r0 + r) * q_stride + d];
 #pragma omp simd
-        for (int64_t j = 0; j < kTile; ++j) acc[r][j] += qv * krow[j];
+        for (int64_t j = 0; j < internal::kTile; ++j) acc[r][j] += qv * krow[j];
       }
     }
     for (int64_t r = 0; r < nr; ++r) {
@@ -82,7 +61,7 @@ float ExpShiftMasked(float* x, const uint8_t* mask, float m, int64_t n) {
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) {
-    const float e = ExpScalar(x[j] - m);
+    const float e = internal::ExpApprox(x[j] - m);
     const float v = mask == nullptr || mask[j] ? e : 0.0f;
     x[j] = v;
     sum += v;
@@ -110,26 +89,38 @@ void AddInto(float* acc, const float* x, int64_t n) {
 
 }  // namespace
 
+namespace internal {
+
+void TransposeTile(const float* k, int64_t width, int64_t head_dim, float* kt) {
+  for (int64_t j = 0; j < kTile; ++j) {
+    const float* kj = k + j * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) kt[d * kTile + j] = j < width ? kj[d] : 0.0f;
+  }
+}
+
+void TileLogits(const float* kt, int64_t head_dim, const float* q, int64_t q_stride,
+                int64_t rows, float scale, float* out, int64_t ld, int64_t width) {
+  TileLogitsImpl(kt, head_dim, q, q_stride, rows, scale, out, ld, width);
+}
+
+}  // namespace internal
+
 void Exp(const float* x, float* y, int64_t n) { ExpLoop(x, y, n); }
 
 void PagedKeyLogits(const PagedKeys& keys, const float* q, int64_t q_stride, int64_t num_rows,
                     float scale, float* logits, int64_t ld) {
   const int64_t hd = keys.head_dim;
-  alignas(64) float kt[kMaxHeadDim * kTile];
+  alignas(64) float kt[kMaxHeadDim * internal::kTile];
   for (int64_t start = 0; start < keys.num_slots; start += keys.block_size) {
     const int64_t n = std::min(keys.block_size, keys.num_slots - start);
     const int64_t block = keys.block_table[start / keys.block_size];
     const float* k =
         keys.k_cache + ((block * keys.num_kv_heads + keys.kv_head) * keys.block_size) * hd;
-    for (int64_t t0 = 0; t0 < n; t0 += kTile) {
-      const int64_t width = std::min(kTile, n - t0);
-      // Transpose the tile so that the inner loop runs over keys, with no
-      // horizontal sums; missing keys of a short tile are zero.
-      for (int64_t j = 0; j < kTile; ++j) {
-        const float* kj = k + (t0 + j) * hd;
-        for (int64_t d = 0; d < hd; ++d) kt[d * kTile + j] = j < width ? kj[d] : 0.0f;
-      }
-      TileLogits(kt, hd, q, q_stride, num_rows, scale, logits + start + t0, ld, width);
+    for (int64_t t0 = 0; t0 < n; t0 += internal::kTile) {
+      const int64_t width = std::min(internal::kTile, n - t0);
+      // Transposed, the inner loop runs over keys, with no horizontal sums.
+      internal::TransposeTile(k + t0 * hd, width, hd, kt);
+      TileLogitsImpl(kt, hd, q, q_stride, num_rows, scale, logits + start + t0, ld, width);
     }
   }
 }

@@ -29,6 +29,13 @@ inline constexpr int64_t kMaxHeadDim = 512;
 void PagedAttentionHead(const PagedAttentionArgs& args, const float* q, int64_t head,
                         float* out);
 
+// The same for all query heads of KV head `kv_head` at once (the group of
+// num_heads / num_kv_heads heads starting at kv_head * group): q and out are
+// [group][head_dim]. Each key and value is read once for the group, and 16
+// keys at a time are scored with vectorised multiply-adds and exp.
+void PagedAttentionGroup(const PagedAttentionArgs& args, const float* q, int64_t kv_head,
+                         float* out);
+
 }  // namespace morphserve::kernels
 
 #endif  // MORPHSERVE_KERNELS_CPU_PAGED_ATTENTION_H_

@@ -66,6 +66,13 @@ TEST_P(PagedAttentionTest, MatchesContiguousReference) {
   args.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
 
   const int64_t group = s.num_heads / s.num_kv_heads;
+  // The grouped kernel, every query head of a KV head at once; poisoned so
+  // that every output element must be written.
+  std::vector<float> group_out(s.num_heads * s.head_dim, std::nanf(""));
+  for (int64_t kvh = 0; kvh < s.num_kv_heads; ++kvh) {
+    PagedAttentionGroup(args, &q[kvh * group * s.head_dim], kvh,
+                        &group_out[kvh * group * s.head_dim]);
+  }
   for (int64_t h = 0; h < s.num_heads; ++h) {
     std::vector<float> out(s.head_dim, std::nanf(""));
     PagedAttentionHead(args, &q[h * s.head_dim], h, out.data());
@@ -89,6 +96,8 @@ TEST_P(PagedAttentionTest, MatchesContiguousReference) {
         expected += scores[pos] / sum * v_ref[(kvh * s.context_len + pos) * s.head_dim + d];
       }
       ASSERT_NEAR(out[d], expected, 1e-4) << "head " << h << " dim " << d;
+      ASSERT_NEAR(group_out[h * s.head_dim + d], expected, 1e-4)
+          << "grouped, head " << h << " dim " << d;
     }
   }
 }
@@ -97,7 +106,8 @@ INSTANTIATE_TEST_SUITE_P(Shapes, PagedAttentionTest,
                          ::testing::Values(Shape{1, 16, 1, 1, 64}, Shape{17, 16, 3, 1, 64},
                                            Shape{33, 16, 4, 4, 4}, Shape{1000, 16, 8, 2, 128},
                                            Shape{250, 7, 9, 3, 64}, Shape{300, 256, 6, 2, 32},
-                                           Shape{5, 1, 2, 2, 8}));
+                                           Shape{5, 1, 2, 2, 8}, Shape{1031, 16, 24, 3, 64},
+                                           Shape{77, 5, 32, 4, 128}, Shape{18, 32, 20, 1, 64}));
 
 }  // namespace
 }  // namespace morphserve::kernels
