@@ -131,7 +131,9 @@ void EngineLoop::Run() {
     std::vector<int64_t> cancels;
     {
       std::unique_lock<std::mutex> lock(mu_);
-      const bool busy = !live_.empty();
+      // Sleep unless something runs; waiting requests that cannot be
+      // admitted yet only wait for running ones to end.
+      const bool busy = scheduler_.Stats().running > 0;
       if (!busy) {
         wake_.wait_for(lock, std::chrono::milliseconds(50),
                        [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });

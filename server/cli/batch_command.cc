@@ -91,8 +91,11 @@ struct InFlight {
 absl::Status Run(const BatchOptions& o) {
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.prompts.empty()) return absl::InvalidArgumentError("--prompts is required");
-  if (o.concurrency < 1 || o.repeat < 1) {
-    return absl::InvalidArgumentError("--concurrency and --repeat must be at least 1");
+  if (o.concurrency < 1 || o.repeat < 1 || o.max_num_seqs < 1 || o.max_num_batched_tokens < 1 ||
+      o.block_size < 1) {
+    return absl::InvalidArgumentError(
+        "--concurrency, --repeat, --max-num-seqs, --max-num-batched-tokens and --block-size "
+        "must be at least 1");
   }
   ASSIGN_OR_RETURN(const std::vector<std::string> lines, ReadLines(o.prompts));
   engine::ModelLoadOptions load;
