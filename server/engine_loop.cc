@@ -74,6 +74,10 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
         StrCat("the request needs up to ", blocks, " KV blocks under its '",
                KvPolicyName(request.kv.kind), "' policy; the pool has ", options_.num_blocks));
   }
+  if (options_.max_queue > 0 && in_engine_.load() >= options_.max_queue) {
+    return absl::ResourceExhaustedError(
+        StrCat("the server is full: ", options_.max_queue, " requests are queued or running"));
+  }
   auto stream = std::make_shared<TokenStream>();
   int64_t id;
   {
@@ -81,6 +85,7 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
     if (stop_) return absl::UnavailableError("the engine is stopping");
     id = next_id_++;
     inbox_.push_back({id, std::move(request), stream, Clock::now()});
+    ++in_engine_;
   }
   wake_.notify_all();
   return std::make_pair(id, stream);
@@ -121,6 +126,7 @@ void EngineLoop::Finish(int64_t id, FinishReason finish, absl::Status error) {
   live.stream->Push(std::move(e));
   executor_.RemoveSequence(id);
   live_.erase(it);
+  --in_engine_;
 }
 
 void EngineLoop::Run() {
@@ -155,6 +161,7 @@ void EngineLoop::Run() {
       if (s.ok()) s = scheduler_.Add(std::move(sr));
       if (!s.ok()) {
         executor_.RemoveSequence(p.id);
+        --in_engine_;
         StreamEvent e;
         e.error = s;
         p.stream->Push(std::move(e));

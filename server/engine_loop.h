@@ -35,6 +35,9 @@ struct EngineOptions {
   int threads = 0;  // 0: all cores
   bool reference_kernels = false;
   bool record_timeline = false;  // keep one StepSample per step (benchmarks)
+  // Most requests in the engine (queued or running); beyond, Submit answers
+  // ResourceExhausted at once. 0: no limit.
+  int64_t max_queue = 0;
 };
 
 // The engine after one step, for plots of a run.
@@ -82,11 +85,14 @@ class EngineLoop {
   // fit the KV pool (ResourceExhausted).
   absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> Submit(
       GenerationRequest request);
+  // Requests submitted and not yet ended.
+  int64_t in_engine() const { return in_engine_; }
   // Ends the request after the step in flight, freeing its blocks; its
   // stream gets a last event with finish kCancelled.
   void Cancel(int64_t id);
 
   EngineStats Stats() const;
+  const EngineOptions& options() const { return options_; }
   // Every step so far (with EngineOptions::record_timeline).
   std::vector<StepSample> Timeline() const;
 
@@ -127,6 +133,7 @@ class EngineLoop {
   std::vector<StepSample> timeline_;  // guarded by mu_
   std::chrono::steady_clock::time_point started_;
 
+  std::atomic<int64_t> in_engine_{0};
   std::thread thread_;
 };
 

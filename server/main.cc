@@ -13,6 +13,7 @@ namespace {
 constexpr std::string_view kUsage = R"(usage: morphserve <command> [options]
 
 commands:
+  serve      serve the model over gRPC
   generate   generate text from a prompt or a chat message
   batch      run many prompts through the scheduler and report throughput
   eval       measure each KV policy's fidelity to the full cache
@@ -41,6 +42,7 @@ int main(int argc, char** argv) {
                 absl::StrJoin(morphserve::engine::BuiltBackends(), " ").c_str());
     return 0;
   }
+  if (command == "serve") return morphserve::cli::ServeCommand(argc, argv, 2);
   if (command == "generate") return morphserve::cli::GenerateCommand(argc, argv, 2);
   if (command == "batch") return morphserve::cli::BatchCommand(argc, argv, 2);
   if (command == "eval") return morphserve::cli::EvalCommand(argc, argv, 2);

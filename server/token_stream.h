@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -44,11 +45,22 @@ struct StreamEvent {
 class TokenStream {
  public:
   void Push(StreamEvent event) {
+    std::function<void()> notify;
     {
       std::lock_guard<std::mutex> lock(mu_);
       events_.push_back(std::move(event));
+      notify = notify_;
     }
     ready_.notify_all();
+    if (notify) notify();
+  }
+
+  // Called (on the pushing thread, without the stream's lock) after every
+  // Push; for consumers that are woken rather than waiting in Pop. The
+  // callable must stay safe to call after its consumer is gone.
+  void SetNotify(std::function<void()> notify) {
+    std::lock_guard<std::mutex> lock(mu_);
+    notify_ = std::move(notify);
   }
 
   // The next event, waiting up to `timeout`; nullopt on timeout.
@@ -64,6 +76,7 @@ class TokenStream {
   std::mutex mu_;
   std::condition_variable ready_;
   std::deque<StreamEvent> events_;
+  std::function<void()> notify_;
 };
 
 }  // namespace morphserve::server

@@ -49,25 +49,6 @@ struct BatchOptions {
   std::string log_level = "warn";
 };
 
-// "1GiB", "512MiB", "2000000" (bytes).
-absl::StatusOr<int64_t> ParseBytes(const std::string& text) {
-  static constexpr std::pair<const char*, int64_t> kUnits[] = {
-      {"GiB", 1LL << 30}, {"MiB", 1LL << 20}, {"KiB", 1LL << 10}, {"GB", 1000000000LL},
-      {"MB", 1000000LL},  {"KB", 1000LL},     {"", 1}};
-  for (const auto& [suffix, scale] : kUnits) {
-    const std::string s(suffix);
-    if (text.size() > s.size() && text.compare(text.size() - s.size(), s.size(), s) == 0) {
-      double v = 0;
-      if (absl::SimpleAtod(text.substr(0, text.size() - s.size()), &v) && v > 0) {
-        return static_cast<int64_t>(v * static_cast<double>(scale));
-      }
-      break;
-    }
-  }
-  return absl::InvalidArgumentError(StrCat("--kv-cache-memory: cannot read '", text,
-                                           "' (examples: 2GiB, 512MiB, 1000000)"));
-}
-
 absl::StatusOr<std::vector<std::string>> ReadLines(const std::string& path) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(StrCat("cannot read prompts file ", path));
@@ -132,16 +113,8 @@ absl::Status Run(const BatchOptions& o) {
   engine_options.max_num_seqs = o.max_num_seqs;
   engine_options.max_num_batched_tokens = o.max_num_batched_tokens;
   engine_options.threads = static_cast<int>(o.threads);
-  const int64_t bytes_per_block =
-      2 * cfg.num_layers * cfg.num_kv_heads * o.block_size * cfg.head_dim *
-      static_cast<int64_t>(sizeof(float));
-  if (o.kv_cache_blocks > 0) {
-    engine_options.num_blocks = o.kv_cache_blocks;
-  } else {
-    ASSIGN_OR_RETURN(const int64_t bytes, ParseBytes(o.kv_cache_memory));
-    engine_options.num_blocks = bytes / bytes_per_block;
-  }
-  if (engine_options.num_blocks < 1) return absl::InvalidArgumentError("the KV pool is empty");
+  ASSIGN_OR_RETURN(engine_options.num_blocks,
+                   KvPoolBlocks(cfg, o.block_size, o.kv_cache_blocks, o.kv_cache_memory));
   server::EngineLoop engine(*model, engine_options);
 
   const size_t total = prompts.size() * static_cast<size_t>(o.repeat);

@@ -17,6 +17,7 @@ int EvalCommand(int argc, char** argv, int first);
 int GenerateCommand(int argc, char** argv, int first);
 int TokenizeCommand(int argc, char** argv, int first);
 int InfoCommand(int argc, char** argv, int first);
+int ServeCommand(int argc, char** argv, int first);
 
 // What every subcommand does with its parser: parses argv[first..) (a usage
 // error exits 2), prints the help when asked, sets up logging at

@@ -1,6 +1,8 @@
 #include "server/cli/kv_options.h"
 
+#include "absl/strings/numbers.h"
 #include "common/status.h"
+#include "common/strings.h"
 
 namespace morphserve::cli {
 
@@ -28,6 +30,34 @@ absl::StatusOr<KvPolicyConfig> KvPolicyFromFlags(const KvFlags& f, int64_t conte
   c.sinks = f.sinks;
   RETURN_IF_ERROR(c.Validate(context_length));
   return c;
+}
+
+absl::StatusOr<int64_t> KvPoolBlocks(const engine::ModelConfig& config, int64_t block_size,
+                                     int64_t blocks, const std::string& memory) {
+  if (block_size < 1) return absl::InvalidArgumentError("--block-size must be at least 1");
+  if (blocks > 0) return blocks;
+  static constexpr std::pair<const char*, int64_t> kUnits[] = {
+      {"GiB", 1LL << 30}, {"MiB", 1LL << 20}, {"KiB", 1LL << 10}, {"GB", 1000000000LL},
+      {"MB", 1000000LL},  {"KB", 1000LL},     {"", 1}};
+  for (const auto& [suffix, scale] : kUnits) {
+    const std::string unit(suffix);
+    if (memory.size() <= unit.size() ||
+        memory.compare(memory.size() - unit.size(), unit.size(), unit) != 0) {
+      continue;
+    }
+    double v = 0;
+    if (!absl::SimpleAtod(memory.substr(0, memory.size() - unit.size()), &v) || !(v > 0)) break;
+    const int64_t per_block = 2 * config.num_layers * config.num_kv_heads * block_size *
+                              config.head_dim * static_cast<int64_t>(sizeof(float));
+    const auto n = static_cast<int64_t>(v * static_cast<double>(scale)) / per_block;
+    if (n < 1) {
+      return absl::InvalidArgumentError(StrCat("--kv-cache-memory ", memory,
+                                               " holds no block of ", per_block, " bytes"));
+    }
+    return n;
+  }
+  return absl::InvalidArgumentError(StrCat("--kv-cache-memory: cannot read '", memory,
+                                           "' (examples: 2GiB, 512MiB, 1000000)"));
 }
 
 void AddKvUsage(const engine::KvUsage& kv, nlohmann::json& usage) {

@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "common/kv_policy.h"
 #include "engine/kv/kv_sequence.h"
+#include "engine/model/model_config.h"
 #include "nlohmann/json.hpp"
 #include "server/cli/arg_parser.h"
 
@@ -28,6 +29,11 @@ void AddKvFlags(ArgParser& parser, KvFlags* flags);
 
 // Parses and validates against the model's context length.
 absl::StatusOr<KvPolicyConfig> KvPolicyFromFlags(const KvFlags& flags, int64_t context_length);
+
+// The KV pool in blocks of `block_size` tokens: `blocks` when positive, else
+// as many as fit in `memory` ("2GiB", "512MiB", "1000000" bytes).
+absl::StatusOr<int64_t> KvPoolBlocks(const engine::ModelConfig& config, int64_t block_size,
+                                     int64_t blocks, const std::string& memory);
 
 // Adds kv_tokens_resident, kv_tokens_full_equivalent, kv_bytes_resident,
 // kv_bytes_saved and kv_tokens_evicted to `usage`.

@@ -1,0 +1,170 @@
+// `morphserve serve`: the gRPC server. Loads the model, starts the engine
+// loop, warms it up, then serves morphserve.v1.Generation, grpc.health.v1
+// and reflection. SIGTERM / SIGINT drain it: health turns NOT_SERVING, new
+// Generate calls get UNAVAILABLE, streams in flight finish (up to
+// --drain-timeout), and the process exits 0.
+#include <csignal>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "common/logging.h"
+#include "common/status.h"
+#include "common/strings.h"
+#include "engine/model/model.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/grpcpp.h"
+#include "grpcpp/health_check_service_interface.h"
+#include "server/cli/arg_parser.h"
+#include "server/cli/commands.h"
+#include "server/cli/kv_options.h"
+#include "server/engine_loop.h"
+#include "server/generation_service.h"
+#include "spdlog/spdlog.h"
+
+namespace morphserve::cli {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::atomic<bool> g_stop{false};
+
+extern "C" void OnStopSignal(int) { g_stop.store(true); }
+
+struct ServeOptions {
+  std::string model;
+  std::string load_format = "auto";
+  int64_t num_layers = 0;
+  std::string host = "0.0.0.0";
+  int64_t port = 50051;
+  int64_t threads = 0;
+  KvFlags kv;
+  int64_t max_num_seqs = 256;
+  int64_t max_num_batched_tokens = 2048;
+  int64_t block_size = 16;
+  int64_t kv_cache_blocks = 0;
+  std::string kv_cache_memory = "1GiB";
+  int64_t max_new_tokens = 256;
+  int64_t max_new_tokens_limit = 0;
+  int64_t max_queue = 1024;
+  int64_t drain_timeout = 30;
+  std::string log_level = "info";
+};
+
+// One short generation through the whole engine before reporting SERVING.
+absl::Status WarmUp(server::EngineLoop& engine) {
+  server::GenerationRequest r;
+  r.prompt = {0};
+  r.sampling.temperature = 0.0f;
+  r.stop.max_new_tokens = 2;
+  r.stop.ignore_eos = true;
+  ASSIGN_OR_RETURN(auto submitted, engine.Submit(std::move(r)));
+  for (;;) {
+    auto e = submitted.second->Pop(std::chrono::seconds(120));
+    if (!e.has_value()) return absl::DeadlineExceededError("the warm-up generation stalled");
+    if (!e->error.ok()) return e->error;
+    if (e->last()) return absl::OkStatus();
+  }
+}
+
+absl::Status Run(const ServeOptions& o) {
+  if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
+  if (o.port < 0 || o.port > 65535) return absl::InvalidArgumentError("--port must be 0..65535");
+  if (o.max_num_seqs < 1 || o.max_num_batched_tokens < 1 || o.max_queue < 0 ||
+      o.drain_timeout < 0) {
+    return absl::InvalidArgumentError("scheduler limits must be positive");
+  }
+  engine::ModelLoadOptions load;
+  load.path = o.model;
+  ASSIGN_OR_RETURN(load.format, engine::ParseLoadFormat(o.load_format));
+  load.num_layers_override = o.num_layers;
+  const Clock::time_point t0 = Clock::now();
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::Model> model, engine::LoadModel(load));
+  const engine::ModelConfig& cfg = model->config;
+  spdlog::info("loaded {} ({}) in {:.2f}s", o.model, model->format,
+               std::chrono::duration<double>(Clock::now() - t0).count());
+
+  server::ServerDefaults defaults;
+  ASSIGN_OR_RETURN(defaults.kv, KvPolicyFromFlags(o.kv, cfg.context_length));
+  defaults.max_new_tokens_limit = o.max_new_tokens_limit > 0 ? o.max_new_tokens_limit
+                                                             : cfg.context_length;
+  defaults.max_new_tokens = std::min(o.max_new_tokens, defaults.max_new_tokens_limit);
+  server::EngineOptions engine_options;
+  engine_options.block_size = o.block_size;
+  engine_options.max_num_seqs = o.max_num_seqs;
+  engine_options.max_num_batched_tokens = o.max_num_batched_tokens;
+  engine_options.threads = static_cast<int>(o.threads);
+  engine_options.max_queue = o.max_queue;
+  ASSIGN_OR_RETURN(engine_options.num_blocks,
+                   KvPoolBlocks(cfg, o.block_size, o.kv_cache_blocks, o.kv_cache_memory));
+  server::EngineLoop engine(*model, engine_options);
+  server::GenerationService service(*model, &engine, defaults);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(StrCat(o.host, ":", o.port), grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service.grpc_service());
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || port == 0) {
+    return absl::UnavailableError(StrCat("cannot listen on ", o.host, ":", o.port));
+  }
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  health->SetServingStatus(false);
+  RETURN_IF_ERROR(WarmUp(engine));
+  health->SetServingStatus(true);
+  std::printf("morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens)\n",
+              o.model.c_str(), o.host.c_str(), port,
+              static_cast<long long>(engine_options.num_blocks),
+              static_cast<long long>(o.block_size));
+  std::fflush(stdout);
+
+  std::signal(SIGTERM, OnStopSignal);
+  std::signal(SIGINT, OnStopSignal);
+  while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+
+  spdlog::info("draining: {} streams in flight", service.active_streams());
+  health->SetServingStatus(false);
+  service.StartDraining();
+  const Clock::time_point deadline = Clock::now() + std::chrono::seconds(o.drain_timeout);
+  while (service.active_streams() > 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  // Streams still open past the timeout are cancelled by the shutdown.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  spdlog::info("stopped");
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int ServeCommand(int argc, char** argv, int first) {
+  ServeOptions o;
+  ArgParser p("morphserve serve --model PATH [options]",
+              "Serves the model over gRPC (morphserve.v1.Generation, health, reflection).");
+  p.AddString("model", &o.model, "model: a .gguf file or a Hugging Face directory");
+  p.AddString("load-format", &o.load_format, "auto, gguf, safetensors or dummy");
+  p.AddInt("num-layers", &o.num_layers, "dummy weights only: keep this many layers (0: all)");
+  p.AddString("host", &o.host, "address to listen on");
+  p.AddInt("port", &o.port, "gRPC port (0: any free port)");
+  p.AddInt("threads", &o.threads, "CPU threads for the engine (0: all cores)");
+  AddKvFlags(p, &o.kv);
+  p.AddInt("max-num-seqs", &o.max_num_seqs, "most sequences in one step");
+  p.AddInt("max-num-batched-tokens", &o.max_num_batched_tokens, "most tokens in one step");
+  p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
+  p.AddInt("kv-cache-blocks", &o.kv_cache_blocks, "KV pool size in blocks (overrides memory)");
+  p.AddString("kv-cache-memory", &o.kv_cache_memory, "KV pool size, e.g. 1GiB or 512MiB");
+  p.AddInt("max-new-tokens", &o.max_new_tokens, "default max_new_tokens of a request");
+  p.AddInt("max-new-tokens-limit", &o.max_new_tokens_limit,
+           "most tokens a request may ask for (0: the context length)");
+  p.AddInt("max-queue", &o.max_queue,
+           "most requests queued or running; beyond, RESOURCE_EXHAUSTED (0: no limit)");
+  p.AddInt("drain-timeout", &o.drain_timeout, "seconds streams may take to finish on SIGTERM");
+  p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
+  return RunCommand("serve", p, argc, argv, first, [&] { return Run(o); }, &o.log_level);
+}
+
+}  // namespace morphserve::cli

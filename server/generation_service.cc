@@ -1,0 +1,328 @@
+#include "server/generation_service.h"
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+
+#include "common/strings.h"
+#include "morphserve/v1/generation.grpc.pb.h"
+#include "engine/chat/chat_template.h"
+
+namespace morphserve::server {
+namespace {
+
+v1::FinishReason ToProto(FinishReason f) {
+  switch (f) {
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case FinishReason::kEos: return v1::FINISH_REASON_EOS;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kNone: break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// Finishes a reactor at once with an error (validation, draining).
+class ErrorReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  explicit ErrorReactor(grpc::Status status) { Finish(std::move(status)); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::Status ToGrpcStatus(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+// The callback service itself (kept out of the header: gRPC's generated base
+// keeps the synchronous overloads that these overrides hide by design, which
+// -Woverloaded-virtual flags in every file that sees the class).
+class GenerationServiceImpl final : public v1::Generation::CallbackService {
+ public:
+  GenerationServiceImpl(const engine::Model& model, EngineLoop* engine, ServerDefaults defaults)
+      : model_(model), engine_(engine), defaults_(std::move(defaults)) {}
+
+  grpc::ServerWriteReactor<v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context, const v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Cancel(grpc::CallbackServerContext* context,
+                                   const v1::CancelRequest* request,
+                                   v1::CancelResponse* response) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* context,
+                                     const v1::TokenizeRequest* request,
+                                     v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* context,
+                                         const v1::GetModelInfoRequest* request,
+                                         v1::ModelInfo* response) override;
+  grpc::ServerUnaryReactor* GetLoad(grpc::CallbackServerContext* context,
+                                    const v1::GetLoadRequest* request,
+                                    v1::Load* response) override;
+
+  void Register(const std::string& request_id, int64_t engine_id);
+  void Forget(const std::string& request_id);
+
+  const engine::Model& model_;
+  EngineLoop* engine_;
+  ServerDefaults defaults_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int64_t> active_{0};
+  std::atomic<int64_t> next_request_id_{1};
+  std::mutex mu_;
+  std::map<std::string, int64_t> ids_;  // client request id -> engine id
+};
+
+// Streams one request. State shared with the engine's notification lives in
+// `Core`, which outlives the reactor: after OnDone, pokes do nothing.
+class GenerateReactor : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+ public:
+  GenerateReactor(GenerationServiceImpl* service, int64_t engine_id, std::string request_id,
+                  std::shared_ptr<TokenStream> stream, bool logprobs)
+      : service_(service),
+        engine_id_(engine_id),
+        request_id_(std::move(request_id)),
+        core_(std::make_shared<Core>()),
+        logprobs_(logprobs) {
+    core_->reactor = this;
+    core_->stream = std::move(stream);
+    ++service_->active_;
+    std::shared_ptr<Core> core = core_;
+    core_->stream->SetNotify([core] { core->Poke(); });
+    core_->Poke();
+  }
+
+  void OnWriteDone(bool ok) override {
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->in_flight = false;
+      if (!ok) core_->cancelled = true;
+    }
+    if (!ok) service_->engine_->Cancel(engine_id_);
+    core_->Poke();
+  }
+
+  void OnCancel() override {
+    service_->engine_->Cancel(engine_id_);
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->cancelled = true;
+    }
+    core_->Poke();
+  }
+
+  void OnDone() override {
+    {
+      std::lock_guard<std::mutex> lock(core_->mu);
+      core_->reactor = nullptr;
+    }
+    core_->stream->SetNotify(nullptr);
+    service_->Forget(request_id_);
+    --service_->active_;
+    delete this;
+  }
+
+ private:
+  struct Core {
+    std::mutex mu;
+    GenerateReactor* reactor = nullptr;  // null once the call is done
+    std::shared_ptr<TokenStream> stream;
+    bool in_flight = false;
+    bool finished = false;
+    bool cancelled = false;
+
+    // Starts the next write (or the finish) when none is in flight.
+    void Poke() {
+      std::unique_lock<std::mutex> lock(mu);
+      if (reactor == nullptr || finished || in_flight) return;
+      GenerateReactor* r = reactor;
+      if (cancelled) {
+        finished = true;
+        lock.unlock();
+        r->Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the request was cancelled"));
+        return;
+      }
+      v1::GenerateResponse& resp = r->response_;
+      resp.Clear();
+      resp.set_request_id(r->request_id_);
+      std::optional<StreamEvent> last;
+      bool any = false;
+      while (auto e = stream->Pop(std::chrono::milliseconds(0))) {
+        any = true;
+        if (e->token >= 0) {
+          resp.add_token_ids(e->token);
+          if (r->logprobs_) {
+            v1::TokenLogprobs* lp = resp.add_logprobs();
+            lp->set_logprob(e->logprob);
+            for (const engine::TokenLogprob& t : e->top) {
+              v1::TokenLogprob* top = lp->add_top();
+              top->set_id(t.id);
+              top->set_logprob(t.logprob);
+            }
+          }
+        }
+        resp.mutable_text()->append(e->text);
+        if (e->last()) {
+          last = std::move(e);
+          break;
+        }
+      }
+      if (!any) return;
+      in_flight = true;
+      if (!last.has_value()) {
+        lock.unlock();
+        r->StartWrite(&resp);
+        return;
+      }
+      finished = true;
+      lock.unlock();
+      if (!last->error.ok()) {
+        r->Finish(ToGrpcStatus(last->error));
+        return;
+      }
+      resp.set_finish_reason(ToProto(last->finish));
+      v1::Usage* u = resp.mutable_usage();
+      u->set_prompt_tokens(static_cast<uint32_t>(last->usage.prompt_tokens));
+      u->set_completion_tokens(static_cast<uint32_t>(last->usage.completion_tokens));
+      u->set_kv_tokens_resident(static_cast<uint64_t>(last->usage.kv.tokens_resident));
+      u->set_kv_tokens_full_equivalent(
+          static_cast<uint64_t>(last->usage.kv.tokens_full_equivalent));
+      u->set_kv_tokens_evicted(static_cast<uint64_t>(last->usage.kv.tokens_evicted));
+      u->set_kv_bytes_resident(static_cast<uint64_t>(last->usage.kv.bytes_resident));
+      u->set_kv_bytes_saved(static_cast<uint64_t>(last->usage.kv.bytes_saved));
+      u->set_time_to_first_token_seconds(last->usage.time_to_first_token_seconds);
+      u->set_queue_seconds(last->usage.queue_seconds);
+      r->StartWriteAndFinish(&resp, grpc::WriteOptions(), grpc::Status::OK);
+    }
+  };
+
+  GenerationServiceImpl* service_;
+  int64_t engine_id_;
+  std::string request_id_;
+  std::shared_ptr<Core> core_;
+  bool logprobs_;
+  v1::GenerateResponse response_;  // the write in flight
+};
+
+GenerationService::GenerationService(const engine::Model& model, EngineLoop* engine,
+                                     ServerDefaults defaults)
+    : impl_(std::make_unique<GenerationServiceImpl>(model, engine, std::move(defaults))) {}
+GenerationService::~GenerationService() = default;
+grpc::Service* GenerationService::grpc_service() { return impl_.get(); }
+void GenerationService::StartDraining() { impl_->draining_ = true; }
+int64_t GenerationService::active_streams() const { return impl_->active_; }
+
+void GenerationServiceImpl::Register(const std::string& request_id, int64_t engine_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ids_[request_id] = engine_id;
+}
+
+void GenerationServiceImpl::Forget(const std::string& request_id) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ids_.erase(request_id);
+}
+
+grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationServiceImpl::Generate(
+    grpc::CallbackServerContext* /*context*/, const v1::GenerateRequest* request) {
+  if (draining_) {
+    return new ErrorReactor(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining"));
+  }
+  auto built = BuildGenerationRequest(*request, model_, defaults_);
+  if (!built.ok()) return new ErrorReactor(ToGrpcStatus(built.status()));
+  std::string request_id = request->request_id();
+  if (request_id.empty()) request_id = StrCat("req-", next_request_id_++);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ids_.contains(request_id)) {
+      return new ErrorReactor(grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                                           "request_id is already in use"));
+    }
+  }
+  auto submitted = engine_->Submit(*std::move(built));
+  if (!submitted.ok()) return new ErrorReactor(ToGrpcStatus(submitted.status()));
+  Register(request_id, submitted->first);
+  return new GenerateReactor(this, submitted->first, std::move(request_id),
+                             std::move(submitted->second), request->top_logprobs() > 0);
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::Cancel(grpc::CallbackServerContext* context,
+                                                    const v1::CancelRequest* request,
+                                                    v1::CancelResponse* response) {
+  int64_t engine_id = -1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (const auto it = ids_.find(request->request_id()); it != ids_.end()) engine_id = it->second;
+  }
+  if (engine_id >= 0) engine_->Cancel(engine_id);
+  response->set_found(engine_id >= 0);
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::Tokenize(grpc::CallbackServerContext* context,
+                                                      const v1::TokenizeRequest* request,
+                                                      v1::TokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  auto ids = TokenizeInput(model_, *request);
+  if (ids.ok()) {
+    for (int32_t id : *ids) response->add_ids(id);
+  }
+  reactor->Finish(ToGrpcStatus(ids.status()));
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
+                                                          const v1::GetModelInfoRequest*,
+                                                          v1::ModelInfo* response) {
+  const engine::ModelConfig& c = model_.config;
+  response->set_architecture(c.architecture);
+  response->set_name(model_.path);
+  response->set_context_length(static_cast<uint32_t>(c.context_length));
+  response->set_vocab_size(static_cast<uint32_t>(c.vocab_size));
+  if (model_.tokenizer != nullptr) {
+    if (auto t = engine::ChatTemplate::FromModel(*model_.tokenizer); t.ok()) {
+      response->set_chat_template(std::string(t->family_name()));
+    }
+  }
+  const KvPolicyConfig& kv = defaults_.kv;
+  response->set_default_kv_policy(std::string(KvPolicyName(kv.kind)));
+  v1::KvParams* d = response->mutable_default_kv();
+  d->set_policy(std::string(KvPolicyName(kv.kind)));
+  d->set_window(static_cast<uint32_t>(kv.window));
+  d->set_capacity(static_cast<uint32_t>(kv.capacity));
+  d->set_fusion(std::string(KvFusionName(kv.fusion)));
+  d->set_sinks(static_cast<uint32_t>(kv.sinks));
+  d->set_aggregation(std::string(MorphKvAggregationName(kv.aggregation)));
+  response->set_max_new_tokens_limit(static_cast<uint32_t>(defaults_.max_new_tokens_limit));
+  response->set_kv_block_size(static_cast<uint32_t>(engine_->options().block_size));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* GenerationServiceImpl::GetLoad(grpc::CallbackServerContext* context,
+                                                     const v1::GetLoadRequest*,
+                                                     v1::Load* response) {
+  const EngineStats s = engine_->Stats();
+  response->set_running(static_cast<uint32_t>(s.running));
+  response->set_waiting(static_cast<uint32_t>(s.waiting));
+  response->set_kv_blocks_free(static_cast<uint32_t>(s.free_blocks));
+  response->set_kv_blocks_total(static_cast<uint32_t>(s.total_blocks));
+  // Default-policy requests with a 512-token prompt that the free blocks
+  // could admit now.
+  constexpr int64_t kPrompt = 512;
+  const int64_t bs = engine_->options().block_size;
+  const int64_t per_request =
+      (defaults_.kv.MaxSlots(kPrompt, defaults_.max_new_tokens) + bs - 1) / bs;
+  response->set_capacity_prompt_tokens(kPrompt);
+  response->set_budget_capacity(
+      static_cast<uint32_t>(per_request > 0 ? s.free_blocks / per_request : 0));
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+}  // namespace morphserve::server

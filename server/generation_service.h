@@ -1,0 +1,44 @@
+// The morphserve.v1.Generation service on gRPC's callback API. Generate
+// returns a reactor that drains the request's TokenStream with at most one
+// write in flight; the engine only ever calls a notification callable that
+// stays safe after the reactor is gone.
+#ifndef MORPHSERVE_SERVER_GENERATION_SERVICE_H_
+#define MORPHSERVE_SERVER_GENERATION_SERVICE_H_
+
+#include <cstdint>
+#include <memory>
+
+#include "engine/model/model.h"
+#include "grpcpp/grpcpp.h"
+#include "server/engine_loop.h"
+#include "server/request_builder.h"
+
+namespace morphserve::server {
+
+// absl and gRPC share their status codes.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class GenerationServiceImpl;
+
+class GenerationService {
+ public:
+  // `model` and `engine` must outlive the service.
+  GenerationService(const engine::Model& model, EngineLoop* engine, ServerDefaults defaults);
+  ~GenerationService();
+  GenerationService(const GenerationService&) = delete;
+  GenerationService& operator=(const GenerationService&) = delete;
+
+  // What to register with the grpc::ServerBuilder.
+  grpc::Service* grpc_service();
+  // New Generate calls get UNAVAILABLE from now on.
+  void StartDraining();
+  // Generate streams not yet finished.
+  int64_t active_streams() const;
+
+ private:
+  std::unique_ptr<GenerationServiceImpl> impl_;
+};
+
+}  // namespace morphserve::server
+
+#endif  // MORPHSERVE_SERVER_GENERATION_SERVICE_H_

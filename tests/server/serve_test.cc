@@ -1,0 +1,251 @@
+// Starts the real `morphserve serve` on loopback and talks to it with a gRPC
+// client: streaming generation equal to the CLI's, errors with the right
+// status that leave the server serving, model info and load, and a clean
+// exit on SIGTERM.
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "morphserve/v1/generation.grpc.pb.h"
+#include "nlohmann/json.hpp"
+
+extern char** environ;
+
+namespace morphserve {
+namespace {
+
+const std::string kBinary = std::string(MORPHSERVE_BINARY_DIR) + "/bin/morphserve";
+const std::string kTinyModel =
+    std::string(MORPHSERVE_FIXTURES_DIR) + "/models/llama-2-tiny-random.gguf";
+
+// The server process; its stdout is read until it says where it listens.
+class ServerProcess {
+ public:
+  explicit ServerProcess(std::vector<std::string> args) {
+    int out[2];
+    if (pipe(out) != 0) return;
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+    posix_spawn_file_actions_addclose(&actions, out[0]);
+    args.insert(args.begin(), {kBinary, "serve"});
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, kBinary.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
+      pid_ = -1;
+    }
+    posix_spawn_file_actions_destroy(&actions);
+    close(out[1]);
+    out_ = fdopen(out[0], "r");
+    char line[1024];
+    while (out_ != nullptr && fgets(line, sizeof(line), out_) != nullptr) {
+      const std::string s(line);
+      const size_t at = s.rfind(':', s.find(" (") == std::string::npos ? s.size() : s.find(" ("));
+      if (s.rfind("morphserve: serving", 0) == 0 && at != std::string::npos) {
+        port_ = std::stoi(s.substr(at + 1));
+        break;
+      }
+    }
+  }
+  ~ServerProcess() {
+    if (pid_ > 0 && !waited_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (out_ != nullptr) fclose(out_);
+  }
+
+  int port() const { return port_; }
+  // Sends SIGTERM and returns the exit code.
+  int Terminate() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    waited_ = true;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+ private:
+  pid_t pid_ = -1;
+  FILE* out_ = nullptr;
+  int port_ = 0;
+  bool waited_ = false;
+};
+
+std::unique_ptr<v1::Generation::Stub> Connect(int port) {
+  return v1::Generation::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+}
+
+struct Streamed {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  v1::GenerateResponse last;
+};
+
+Streamed Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& request) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  Streamed out;
+  auto reader = stub.Generate(&context, request);
+  v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    out.tokens.insert(out.tokens.end(), response.token_ids().begin(), response.token_ids().end());
+    out.text += response.text();
+    out.last = response;
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+std::string RunCli(const std::string& args) {
+  FILE* pipe = popen((kBinary + " " + args + " 2>/dev/null").c_str(), "r");
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) out.append(buf, n);
+  pclose(pipe);
+  return out;
+}
+
+TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
+  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
+                        "1", "--kv-cache-blocks", "64", "--log-level", "warn"});
+  ASSERT_GT(server.port(), 0) << "the server did not start";
+  auto stub = Connect(server.port());
+
+  v1::GenerateRequest request;
+  request.set_text("Once upon a time");
+  request.mutable_sampling()->set_temperature(0.0f);
+  request.mutable_stopping()->set_max_new_tokens(12);
+  request.mutable_stopping()->set_ignore_eos(true);
+  request.set_top_logprobs(2);
+  const Streamed got = Generate(*stub, request);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  const nlohmann::json cli = nlohmann::json::parse(
+      RunCli("generate --json --threads 1 --max-tokens 12 --ignore-eos --model " + kTinyModel +
+             " --prompt 'Once upon a time'"));
+  EXPECT_EQ(got.tokens, cli["tokens"].get<std::vector<int32_t>>());
+  EXPECT_EQ(got.text, cli["text"].get<std::string>());
+  EXPECT_EQ(got.last.finish_reason(), v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(got.last.usage().completion_tokens(), 12u);
+  EXPECT_GT(got.last.usage().prompt_tokens(), 0u);
+
+  // Every kind of bad input gets its status and a message naming the field.
+  struct Bad {
+    std::string what, field;
+    grpc::StatusCode code;
+    v1::GenerateRequest request;
+  };
+  std::vector<Bad> bad;
+  bad.push_back({"no input", "input", grpc::StatusCode::INVALID_ARGUMENT, {}});
+  v1::GenerateRequest r = request;
+  r.mutable_sampling()->set_top_p(1.5f);
+  bad.push_back({"top_p", "top_p", grpc::StatusCode::INVALID_ARGUMENT, r});
+  r = request;
+  r.mutable_sampling()->set_temperature(std::nanf(""));
+  bad.push_back({"NaN temperature", "temperature", grpc::StatusCode::INVALID_ARGUMENT, r});
+  r = request;
+  r.mutable_stopping()->set_max_new_tokens(0);
+  bad.push_back({"max_new_tokens 0", "max_new_tokens", grpc::StatusCode::INVALID_ARGUMENT, r});
+  r = request;
+  r.mutable_tokens()->add_ids(999999);
+  bad.push_back({"unknown token", "tokens.ids", grpc::StatusCode::INVALID_ARGUMENT, r});
+  r = request;
+  r.mutable_chat()->add_messages()->set_role("user");
+  bad.push_back({"chat without a template", "chat template", grpc::StatusCode::INVALID_ARGUMENT,
+                 r});
+  r = request;
+  r.mutable_kv()->set_policy("lru");
+  bad.push_back({"unknown policy", "kv_policy", grpc::StatusCode::INVALID_ARGUMENT, r});
+  r = request;
+  r.mutable_kv()->set_policy("morphkv");
+  r.mutable_kv()->set_window(64);
+  r.mutable_kv()->set_capacity(32);
+  bad.push_back({"C <= W", "kv_capacity", grpc::StatusCode::INVALID_ARGUMENT, r});
+  r = request;
+  r.mutable_stopping()->set_max_new_tokens(4095);
+  bad.push_back({"beyond the context", "context", grpc::StatusCode::OUT_OF_RANGE, r});
+  r = request;
+  r.mutable_stopping()->set_max_new_tokens(2000);
+  bad.push_back({"never fits", "KV blocks", grpc::StatusCode::RESOURCE_EXHAUSTED, r});
+  for (const Bad& b : bad) {
+    const Streamed s = Generate(*stub, b.request);
+    EXPECT_EQ(s.status.error_code(), b.code) << b.what << ": " << s.status.error_message();
+    EXPECT_NE(s.status.error_message().find(b.field), std::string::npos)
+        << b.what << ": " << s.status.error_message();
+  }
+  // Still serving, with the same answer.
+  EXPECT_EQ(Generate(*stub, request).tokens, got.tokens);
+
+  grpc::ClientContext info_context;
+  v1::ModelInfo info;
+  ASSERT_TRUE(stub->GetModelInfo(&info_context, {}, &info).ok());
+  EXPECT_EQ(info.architecture(), "llama");
+  EXPECT_EQ(info.context_length(), 4096u);
+  EXPECT_EQ(info.default_kv_policy(), "full");
+  // Load figures are published after each step, so the last request's
+  // blocks may show for a moment.
+  v1::Load load;
+  for (int i = 0; i < 100; ++i) {
+    grpc::ClientContext load_context;
+    ASSERT_TRUE(stub->GetLoad(&load_context, {}, &load).ok());
+    if (load.kv_blocks_free() == load.kv_blocks_total()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(load.kv_blocks_total(), 64u);
+  EXPECT_EQ(load.kv_blocks_free(), 64u);
+  grpc::ClientContext tokenize_context;
+  v1::TokenizeRequest tokenize;
+  tokenize.set_text("Once upon a time");
+  tokenize.set_add_special_tokens(true);
+  v1::TokenizeResponse ids;
+  ASSERT_TRUE(stub->Tokenize(&tokenize_context, tokenize, &ids).ok());
+  EXPECT_EQ(ids.ids_size(), static_cast<int>(got.last.usage().prompt_tokens()));
+
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+TEST(ServeTest, CancellingTheCallStopsTheRequest) {
+  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
+                        "1", "--kv-cache-blocks", "256", "--log-level", "warn"});
+  ASSERT_GT(server.port(), 0);
+  auto stub = Connect(server.port());
+  v1::GenerateRequest request;
+  request.mutable_tokens()->add_ids(1);
+  request.mutable_stopping()->set_max_new_tokens(3000);
+  request.mutable_stopping()->set_ignore_eos(true);
+  grpc::ClientContext context;
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));  // it is decoding
+  context.TryCancel();
+  while (reader->Read(&response)) {
+  }
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  // The sequence's blocks come back within a step or so.
+  v1::Load load;
+  for (int i = 0; i < 100; ++i) {
+    grpc::ClientContext c;
+    ASSERT_TRUE(stub->GetLoad(&c, {}, &load).ok());
+    if (load.kv_blocks_free() == load.kv_blocks_total() && load.running() == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(load.kv_blocks_free(), load.kv_blocks_total());
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+}  // namespace
+}  // namespace morphserve
