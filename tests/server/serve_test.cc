@@ -8,12 +8,15 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <cstdio>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "morphserve/v1/generation.grpc.pb.h"
@@ -216,6 +219,71 @@ TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
   EXPECT_EQ(ids.ids_size(), static_cast<int>(got.last.usage().prompt_tokens()));
 
   EXPECT_EQ(server.Terminate(), 0);
+}
+
+// grpc.health.v1.Health/Check for the whole server, through the generic
+// stub (HealthCheckResponse is `status = 1`, SERVING = 1, NOT_SERVING = 2).
+int HealthStatus(int port) {
+  grpc::GenericStub stub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                             grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  grpc::Slice empty;
+  const grpc::ByteBuffer request(&empty, 1);
+  grpc::ByteBuffer response;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  grpc::Status status;
+  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
+                 &response, [&](grpc::Status s) {
+                   std::lock_guard<std::mutex> lock(mu);
+                   status = std::move(s);
+                   done = true;
+                   cv.notify_all();
+                 });
+  std::unique_lock<std::mutex> lock(mu);
+  cv.wait(lock, [&] { return done; });
+  if (!status.ok()) return -static_cast<int>(status.error_code());
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return -1;
+  std::string bytes;
+  for (const grpc::Slice& slice : slices) {
+    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  }
+  return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : 0;
+}
+
+// SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the stream
+// in flight still finishes, then the process exits 0.
+TEST(ServeTest, SigtermDrainsInFlightStreams) {
+  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
+                        "1", "--kv-cache-blocks", "256", "--log-level", "warn"});
+  ASSERT_GT(server.port(), 0);
+  EXPECT_EQ(HealthStatus(server.port()), 1);
+  auto stub = Connect(server.port());
+  v1::GenerateRequest request;
+  request.mutable_tokens()->add_ids(1);
+  request.mutable_stopping()->set_max_new_tokens(3000);
+  request.mutable_stopping()->set_ignore_eos(true);
+  grpc::ClientContext context;
+  auto reader = stub->Generate(&context, request);
+  v1::GenerateResponse response;
+  ASSERT_TRUE(reader->Read(&response));
+  int exit_code = -1;
+  std::thread terminate([&] { exit_code = server.Terminate(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(HealthStatus(server.port()), 2);
+  v1::GenerateRequest another = request;
+  another.mutable_stopping()->set_max_new_tokens(4);
+  EXPECT_EQ(Generate(*stub, another).status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  size_t tokens = static_cast<size_t>(response.token_ids_size());
+  while (reader->Read(&response)) tokens += static_cast<size_t>(response.token_ids_size());
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, 3000u);
+  EXPECT_EQ(response.finish_reason(), v1::FINISH_REASON_LENGTH);
+  terminate.join();
+  EXPECT_EQ(exit_code, 0);
 }
 
 TEST(ServeTest, CancellingTheCallStopsTheRequest) {
