@@ -64,6 +64,8 @@ class GenerationServiceImpl final : public v1::Generation::CallbackService {
 
   void Register(const std::string& request_id, int64_t engine_id);
   void Forget(const std::string& request_id);
+  // UNAUTHENTICATED unless API keys are off or the call carries one.
+  grpc::Status Authorize(const grpc::CallbackServerContext* context) const;
 
   const engine::Model& model_;
   EngineLoop* engine_;
@@ -214,6 +216,24 @@ grpc::Service* GenerationService::grpc_service() { return impl_.get(); }
 void GenerationService::StartDraining() { impl_->draining_ = true; }
 int64_t GenerationService::active_streams() const { return impl_->active_; }
 
+grpc::Status GenerationServiceImpl::Authorize(const grpc::CallbackServerContext* context) const {
+  if (defaults_.api_keys.empty()) return grpc::Status::OK;
+  const auto& metadata = context->client_metadata();
+  const auto it = metadata.find("authorization");
+  if (it != metadata.end()) {
+    const std::string_view value(it->second.data(), it->second.size());
+    constexpr std::string_view kBearer = "Bearer ";
+    if (value.substr(0, kBearer.size()) == kBearer) {
+      const std::string_view key = value.substr(kBearer.size());
+      for (const std::string& k : defaults_.api_keys) {
+        if (key == k) return grpc::Status::OK;
+      }
+    }
+  }
+  return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                      "a valid API key is required: authorization: Bearer <key>");
+}
+
 void GenerationServiceImpl::Register(const std::string& request_id, int64_t engine_id) {
   std::lock_guard<std::mutex> lock(mu_);
   ids_[request_id] = engine_id;
@@ -225,7 +245,8 @@ void GenerationServiceImpl::Forget(const std::string& request_id) {
 }
 
 grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationServiceImpl::Generate(
-    grpc::CallbackServerContext* /*context*/, const v1::GenerateRequest* request) {
+    grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
+  if (grpc::Status auth = Authorize(context); !auth.ok()) return new ErrorReactor(auth);
   if (draining_) {
     return new ErrorReactor(grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is draining"));
   }
@@ -250,6 +271,11 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationServiceImpl::Generate(
 grpc::ServerUnaryReactor* GenerationServiceImpl::Cancel(grpc::CallbackServerContext* context,
                                                     const v1::CancelRequest* request,
                                                     v1::CancelResponse* response) {
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
+    denied->Finish(auth);
+    return denied;
+  }
   int64_t engine_id = -1;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -265,6 +291,11 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Cancel(grpc::CallbackServerCont
 grpc::ServerUnaryReactor* GenerationServiceImpl::Tokenize(grpc::CallbackServerContext* context,
                                                       const v1::TokenizeRequest* request,
                                                       v1::TokenizeResponse* response) {
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
+    denied->Finish(auth);
+    return denied;
+  }
   grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
   auto ids = TokenizeInput(model_, *request);
   if (ids.ok()) {
@@ -277,6 +308,11 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Tokenize(grpc::CallbackServerCo
 grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetModelInfoRequest*,
                                                           v1::ModelInfo* response) {
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
+    denied->Finish(auth);
+    return denied;
+  }
   const engine::ModelConfig& c = model_.config;
   response->set_architecture(c.architecture);
   response->set_name(model_.path);
@@ -306,6 +342,11 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(grpc::CallbackServ
 grpc::ServerUnaryReactor* GenerationServiceImpl::GetLoad(grpc::CallbackServerContext* context,
                                                      const v1::GetLoadRequest*,
                                                      v1::Load* response) {
+  if (grpc::Status auth = Authorize(context); !auth.ok()) {
+    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
+    denied->Finish(auth);
+    return denied;
+  }
   const EngineStats s = engine_->Stats();
   response->set_running(static_cast<uint32_t>(s.running));
   response->set_waiting(static_cast<uint32_t>(s.waiting));

@@ -6,6 +6,8 @@
 #define MORPHSERVE_SERVER_REQUEST_BUILDER_H_
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/kv_policy.h"
@@ -16,6 +18,8 @@
 namespace morphserve::server {
 
 struct ServerDefaults {
+  // Accepted bearer tokens (`authorization: Bearer KEY`); empty: no auth.
+  std::vector<std::string> api_keys;
   KvPolicyConfig kv;
   int64_t max_new_tokens = 256;         // when the request leaves it unset
   int64_t max_new_tokens_limit = 4096;  // the most a request may ask for

@@ -6,6 +6,7 @@
 #include <csignal>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -50,6 +51,7 @@ struct ServeOptions {
   int64_t max_new_tokens_limit = 0;
   int64_t max_queue = 1024;
   int64_t drain_timeout = 30;
+  std::string api_keys_file;
   std::string log_level = "info";
 };
 
@@ -87,6 +89,17 @@ absl::Status Run(const ServeOptions& o) {
                std::chrono::duration<double>(Clock::now() - t0).count());
 
   server::ServerDefaults defaults;
+  if (!o.api_keys_file.empty()) {
+    std::ifstream keys(o.api_keys_file);
+    if (!keys) return absl::NotFoundError(StrCat("cannot read --api-keys-file ", o.api_keys_file));
+    for (std::string line; std::getline(keys, line);) {
+      while (!line.empty() && (line.back() == '\r' || line.back() == ' ')) line.pop_back();
+      if (!line.empty() && line.front() != '#') defaults.api_keys.push_back(line);
+    }
+    if (defaults.api_keys.empty()) {
+      return absl::InvalidArgumentError(StrCat(o.api_keys_file, " holds no API key"));
+    }
+  }
   ASSIGN_OR_RETURN(defaults.kv, KvPolicyFromFlags(o.kv, cfg.context_length));
   defaults.max_new_tokens_limit = o.max_new_tokens_limit > 0 ? o.max_new_tokens_limit
                                                              : cfg.context_length;
@@ -163,6 +176,9 @@ int ServeCommand(int argc, char** argv, int first) {
   p.AddInt("max-queue", &o.max_queue,
            "most requests queued or running; beyond, RESOURCE_EXHAUSTED (0: no limit)");
   p.AddInt("drain-timeout", &o.drain_timeout, "seconds streams may take to finish on SIGTERM");
+  p.AddString("api-keys-file", &o.api_keys_file,
+              "accept only calls with `authorization: Bearer KEY`, one KEY per line (health is "
+              "exempt)");
   p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
   return RunCommand("serve", p, argc, argv, first, [&] { return Run(o); }, &o.log_level);
 }

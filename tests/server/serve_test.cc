@@ -286,6 +286,34 @@ TEST(ServeTest, SigtermDrainsInFlightStreams) {
   EXPECT_EQ(exit_code, 0);
 }
 
+TEST(ServeTest, ApiKeysGuardEveryCallButHealth) {
+  const std::string keys = ::testing::TempDir() + "/api_keys.txt";
+  FILE* f = fopen(keys.c_str(), "w");
+  fputs("# keys\nsecret-one\nsecret-two\n", f);
+  fclose(f);
+  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
+                        "1", "--kv-cache-blocks", "64", "--log-level", "warn", "--api-keys-file",
+                        keys});
+  ASSERT_GT(server.port(), 0);
+  auto stub = Connect(server.port());
+  v1::GenerateRequest request;
+  request.mutable_tokens()->add_ids(1);
+  request.mutable_stopping()->set_max_new_tokens(2);
+  EXPECT_EQ(Generate(*stub, request).status.error_code(), grpc::StatusCode::UNAUTHENTICATED);
+  for (const char* header : {"Bearer wrong", "secret-one", "Bearer secret-two"}) {
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", header);
+    v1::Load load;
+    const grpc::Status s = stub->GetLoad(&context, {}, &load);
+    EXPECT_EQ(s.ok(), std::string(header) == "Bearer secret-two") << header;
+    if (!s.ok()) {
+      EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAUTHENTICATED) << header;
+    }
+  }
+  EXPECT_EQ(HealthStatus(server.port()), 1);  // health needs no key
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
 TEST(ServeTest, CancellingTheCallStopsTheRequest) {
   ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
                         "1", "--kv-cache-blocks", "256", "--log-level", "warn"});
