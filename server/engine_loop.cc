@@ -123,6 +123,13 @@ void EngineLoop::Finish(int64_t id, FinishReason finish, absl::Status error) {
   if (live.first_token) {
     e.usage.time_to_first_token_seconds = Seconds(*live.first_token - live.submitted);
   }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.requests_finished[static_cast<int>(e.error.ok() ? finish : FinishReason::kNone)];
+    if (live.first_token) stats_.time_to_first_token.Observe(e.usage.time_to_first_token_seconds);
+    if (live.first_scheduled) stats_.queue_time.Observe(e.usage.queue_seconds);
+    stats_.request_latency.Observe(Seconds(Clock::now() - live.submitted));
+  }
   live.stream->Push(std::move(e));
   executor_.RemoveSequence(id);
   live_.erase(it);
@@ -169,6 +176,8 @@ void EngineLoop::Run() {
       }
       live_.emplace(p.id, Live{p.stream, p.submitted, std::nullopt, std::nullopt,
                                static_cast<int64_t>(p.request.prompt.size()), 0});
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prompt_tokens += static_cast<int64_t>(p.request.prompt.size());
     }
     for (int64_t id : cancels) {
       if (scheduler_.Cancel(id)) Finish(id, FinishReason::kCancelled, absl::OkStatus());
@@ -224,7 +233,19 @@ void EngineLoop::Run() {
 
 void EngineLoop::PublishStats(int64_t decoding, int64_t new_tokens, bool stepped) {
   const scheduler::SchedulerStats s = scheduler_.Stats();
+  engine::KvUsage kv;
+  for (const auto& [id, live] : live_) {
+    const engine::KvUsage u = executor_.Usage(id);
+    kv.tokens_resident += u.tokens_resident;
+    kv.tokens_full_equivalent += u.tokens_full_equivalent;
+    kv.bytes_resident += u.bytes_resident;
+    kv.bytes_saved += u.bytes_saved;
+  }
   std::lock_guard<std::mutex> lock(mu_);
+  stats_.kv_tokens_resident = kv.tokens_resident;
+  stats_.kv_tokens_full_equivalent = kv.tokens_full_equivalent;
+  stats_.kv_bytes_resident = kv.bytes_resident;
+  stats_.kv_bytes_saved = kv.bytes_saved;
   stats_.running = s.running;
   stats_.waiting = s.waiting;
   stats_.free_blocks = s.free_blocks;

@@ -23,6 +23,7 @@
 #include "engine/generation/stop_checker.h"
 #include "engine/model/model.h"
 #include "scheduler/scheduler.h"
+#include "server/metrics.h"
 #include "server/token_stream.h"
 
 namespace morphserve::server {
@@ -71,6 +72,16 @@ struct EngineStats {
   int64_t decode_steps = 0;         // steps that decoded at least one sequence
   int64_t decoding_sum = 0;         // sequences decoding, summed over decode steps
   int64_t output_tokens = 0;
+  int64_t prompt_tokens = 0;        // of requests admitted
+  int64_t requests_finished[5] = {};  // by FinishReason (kNone: failed)
+  // KV figures summed over the live requests, after the latest step.
+  int64_t kv_tokens_resident = 0;
+  int64_t kv_tokens_full_equivalent = 0;
+  int64_t kv_bytes_resident = 0;
+  int64_t kv_bytes_saved = 0;
+  LatencyHistogram time_to_first_token;
+  LatencyHistogram queue_time;
+  LatencyHistogram request_latency;
 };
 
 class EngineLoop {

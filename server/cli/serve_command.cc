@@ -23,6 +23,7 @@
 #include "server/cli/kv_options.h"
 #include "server/engine_loop.h"
 #include "server/generation_service.h"
+#include "server/metrics.h"
 #include "spdlog/spdlog.h"
 
 namespace morphserve::cli {
@@ -40,6 +41,7 @@ struct ServeOptions {
   int64_t num_layers = 0;
   std::string host = "0.0.0.0";
   int64_t port = 50051;
+  int64_t metrics_port = 9464;
   int64_t threads = 0;
   KvFlags kv;
   int64_t max_num_seqs = 256;
@@ -125,14 +127,20 @@ absl::Status Run(const ServeOptions& o) {
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(StrCat("cannot listen on ", o.host, ":", o.port));
   }
+  std::unique_ptr<server::MetricsHttpServer> metrics;
+  if (o.metrics_port >= 0) {
+    ASSIGN_OR_RETURN(metrics, server::MetricsHttpServer::Start(
+                                  o.host, static_cast<int>(o.metrics_port),
+                                  [&engine] { return server::RenderMetrics(engine.Stats()); }));
+  }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(false);
   RETURN_IF_ERROR(WarmUp(engine));
   health->SetServingStatus(true);
-  std::printf("morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens)\n",
+  std::printf("morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens), metrics on %d\n",
               o.model.c_str(), o.host.c_str(), port,
               static_cast<long long>(engine_options.num_blocks),
-              static_cast<long long>(o.block_size));
+              static_cast<long long>(o.block_size), metrics != nullptr ? metrics->port() : -1);
   std::fflush(stdout);
 
   std::signal(SIGTERM, OnStopSignal);
@@ -163,6 +171,8 @@ int ServeCommand(int argc, char** argv, int first) {
   p.AddInt("num-layers", &o.num_layers, "dummy weights only: keep this many layers (0: all)");
   p.AddString("host", &o.host, "address to listen on");
   p.AddInt("port", &o.port, "gRPC port (0: any free port)");
+  p.AddInt("metrics-port", &o.metrics_port,
+           "Prometheus /metrics port (0: any free port, -1: off)");
   p.AddInt("threads", &o.threads, "CPU threads for the engine (0: all cores)");
   AddKvFlags(p, &o.kv);
   p.AddInt("max-num-seqs", &o.max_num_seqs, "most sequences in one step");

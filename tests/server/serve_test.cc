@@ -2,7 +2,10 @@
 // client: streaming generation equal to the CLI's, errors with the right
 // status that leave the server serving, model info and load, and a clean
 // exit on SIGTERM.
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,6 +60,8 @@ class ServerProcess {
       const size_t at = s.rfind(':', s.find(" (") == std::string::npos ? s.size() : s.find(" ("));
       if (s.rfind("morphserve: serving", 0) == 0 && at != std::string::npos) {
         port_ = std::stoi(s.substr(at + 1));
+        const size_t metrics = s.rfind("metrics on ");
+        if (metrics != std::string::npos) metrics_port_ = std::stoi(s.substr(metrics + 11));
         break;
       }
     }
@@ -70,6 +75,7 @@ class ServerProcess {
   }
 
   int port() const { return port_; }
+  int metrics_port() const { return metrics_port_; }
   // Sends SIGTERM and returns the exit code.
   int Terminate() {
     kill(pid_, SIGTERM);
@@ -83,6 +89,7 @@ class ServerProcess {
   pid_t pid_ = -1;
   FILE* out_ = nullptr;
   int port_ = 0;
+  int metrics_port_ = -1;
   bool waited_ = false;
 };
 
@@ -311,6 +318,65 @@ TEST(ServeTest, ApiKeysGuardEveryCallButHealth) {
     }
   }
   EXPECT_EQ(HealthStatus(server.port()), 1);  // health needs no key
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+// GET `path` from 127.0.0.1:`port`; the whole response, headers included.
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &addr.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    close(fd);
+    return "";
+  }
+  const std::string request = "GET " + path + " HTTP/1.1\r\nHost: localhost\r\n\r\n";
+  if (write(fd, request.data(), request.size()) < 0) return "";
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof(buf))) > 0) out.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return out;
+}
+
+TEST(ServeTest, PrometheusMetricsCountTokensAndRequests) {
+  ServerProcess server({"--model", kTinyModel, "--port", "0", "--metrics-port", "0", "--host",
+                        "127.0.0.1", "--threads", "1", "--kv-cache-blocks", "64",
+                        "--log-level", "warn"});
+  ASSERT_GT(server.port(), 0);
+  ASSERT_GT(server.metrics_port(), 0);
+  auto stub = Connect(server.port());
+  v1::GenerateRequest request;
+  request.mutable_tokens()->add_ids(1);
+  request.mutable_stopping()->set_max_new_tokens(7);
+  request.mutable_stopping()->set_ignore_eos(true);
+  request.mutable_kv()->set_policy("morphkv");
+  request.mutable_kv()->set_window(2);
+  request.mutable_kv()->set_capacity(4);
+  ASSERT_TRUE(Generate(*stub, request).status.ok());
+  std::string page;
+  for (int i = 0; i < 100; ++i) {  // figures are published once per step
+    page = HttpGet(server.metrics_port(), "/metrics");
+    if (page.find("morphserve_requests_finished_total{reason=\"length\"} 2") !=
+            std::string::npos &&
+        page.find("morphserve_generation_tokens_total 9") != std::string::npos) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_NE(page.find("HTTP/1.1 200 OK"), std::string::npos) << page;
+  EXPECT_NE(page.find("morphserve_requests_finished_total{reason=\"length\"} 2"),
+            std::string::npos) << page;
+  // The warm-up request made 2 tokens, ours 7.
+  EXPECT_NE(page.find("morphserve_generation_tokens_total 9"), std::string::npos) << page;
+  EXPECT_NE(page.find("morphserve_kv_blocks_total 64"), std::string::npos) << page;
+  EXPECT_NE(page.find("morphserve_time_to_first_token_seconds_count 2"), std::string::npos)
+      << page;
+  EXPECT_NE(page.find("# TYPE morphserve_kv_bytes_saved gauge"), std::string::npos) << page;
+  EXPECT_NE(HttpGet(server.metrics_port(), "/nope").find("404"), std::string::npos);
   EXPECT_EQ(server.Terminate(), 0);
 }
 
