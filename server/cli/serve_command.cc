@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
 #include <memory>
 #include <string>
 #include <thread>
@@ -54,8 +55,41 @@ struct ServeOptions {
   int64_t max_queue = 1024;
   int64_t drain_timeout = 30;
   std::string api_keys_file;
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_client_ca;
   std::string log_level = "info";
 };
+
+absl::StatusOr<std::string> ReadFile(const std::string& path, std::string_view flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(StrCat("--", flag, ": cannot read ", path));
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Plain TCP, TLS (--tls-cert, --tls-key) or mutual TLS (plus --tls-client-ca).
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const ServeOptions& o) {
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (o.tls_cert.empty()) {
+    if (!o.tls_client_ca.empty()) {
+      return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
+    }
+    return grpc::InsecureServerCredentials();
+  }
+  grpc::SslServerCredentialsOptions options(
+      o.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                              : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  ASSIGN_OR_RETURN(pair.private_key, ReadFile(o.tls_key, "tls-key"));
+  ASSIGN_OR_RETURN(pair.cert_chain, ReadFile(o.tls_cert, "tls-cert"));
+  options.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!o.tls_client_ca.empty()) {
+    ASSIGN_OR_RETURN(options.pem_root_certs, ReadFile(o.tls_client_ca, "tls-client-ca"));
+  }
+  return grpc::SslServerCredentials(options);
+}
 
 // One short generation through the whole engine before reporting SERVING.
 absl::Status WarmUp(server::EngineLoop& engine) {
@@ -121,7 +155,8 @@ absl::Status Run(const ServeOptions& o) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(StrCat(o.host, ":", o.port), grpc::InsecureServerCredentials(), &port);
+  ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials, Credentials(o));
+  builder.AddListeningPort(StrCat(o.host, ":", o.port), credentials, &port);
   builder.RegisterService(service.grpc_service());
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
@@ -189,6 +224,10 @@ int ServeCommand(int argc, char** argv, int first) {
   p.AddString("api-keys-file", &o.api_keys_file,
               "accept only calls with `authorization: Bearer KEY`, one KEY per line (health is "
               "exempt)");
+  p.AddString("tls-cert", &o.tls_cert, "PEM certificate chain: serve over TLS");
+  p.AddString("tls-key", &o.tls_key, "PEM private key of --tls-cert");
+  p.AddString("tls-client-ca", &o.tls_client_ca,
+              "PEM CA bundle: require client certificates it signed (mutual TLS)");
   p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
   return RunCommand("serve", p, argc, argv, first, [&] { return Run(o); }, &o.log_level);
 }

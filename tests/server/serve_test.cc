@@ -14,6 +14,8 @@
 #include <condition_variable>
 #include <mutex>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
@@ -377,6 +379,71 @@ TEST(ServeTest, PrometheusMetricsCountTokensAndRequests) {
       << page;
   EXPECT_NE(page.find("# TYPE morphserve_kv_bytes_saved gauge"), std::string::npos) << page;
   EXPECT_NE(HttpGet(server.metrics_port(), "/nope").find("404"), std::string::npos);
+  EXPECT_EQ(server.Terminate(), 0);
+}
+
+std::string Slurp(const std::string& path) {
+  std::string out;
+  FILE* f = fopen(path.c_str(), "rb");
+  if (f == nullptr) return out;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
+  fclose(f);
+  return out;
+}
+
+// A CA, a server certificate for localhost / 127.0.0.1 and a client
+// certificate, made with the openssl tool.
+bool MakeCertificates(const std::string& dir) {
+  const std::string cmd =
+      "cd " + dir + " && "
+      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
+      "-subj /CN=test-ca && "
+      "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost"
+      " && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext && "
+      "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
+      "-days 2 -extfile san.ext && "
+      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && "
+      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
+      "-days 2";
+  return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0;
+}
+
+grpc::StatusCode TryLoad(const std::shared_ptr<grpc::ChannelCredentials>& credentials, int port) {
+  auto stub = v1::Generation::NewStub(
+      grpc::CreateChannel("localhost:" + std::to_string(port), credentials));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::Load load;
+  return stub->GetLoad(&context, {}, &load).error_code();
+}
+
+TEST(ServeTest, TlsAndMutualTls) {
+  const std::string dir = ::testing::TempDir() + "/serve_tls";
+  std::filesystem::create_directories(dir);
+  if (!MakeCertificates(dir)) GTEST_SKIP() << "the openssl tool is needed to make certificates";
+  grpc::SslCredentialsOptions trust;
+  trust.pem_root_certs = Slurp(dir + "/ca.pem");
+  grpc::SslCredentialsOptions with_cert = trust;
+  with_cert.pem_private_key = Slurp(dir + "/client.key");
+  with_cert.pem_cert_chain = Slurp(dir + "/client.pem");
+  {
+    ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1",
+                          "--threads", "1", "--kv-cache-blocks", "16", "--log-level", "warn",
+                          "--tls-cert", dir + "/server.pem", "--tls-key", dir + "/server.key"});
+    ASSERT_GT(server.port(), 0);
+    EXPECT_EQ(TryLoad(grpc::SslCredentials(trust), server.port()), grpc::StatusCode::OK);
+    EXPECT_NE(TryLoad(grpc::InsecureChannelCredentials(), server.port()), grpc::StatusCode::OK);
+    EXPECT_EQ(server.Terminate(), 0);
+  }
+  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
+                        "1", "--kv-cache-blocks", "16", "--log-level", "warn", "--tls-cert",
+                        dir + "/server.pem", "--tls-key", dir + "/server.key", "--tls-client-ca",
+                        dir + "/ca.pem"});
+  ASSERT_GT(server.port(), 0);
+  EXPECT_NE(TryLoad(grpc::SslCredentials(trust), server.port()), grpc::StatusCode::OK);
+  EXPECT_EQ(TryLoad(grpc::SslCredentials(with_cert), server.port()), grpc::StatusCode::OK);
   EXPECT_EQ(server.Terminate(), 0);
 }
 
