@@ -211,7 +211,7 @@ TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
   // Load figures are published after each step, so the last request's
   // blocks may show for a moment.
   v1::Load load;
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 250; ++i) {
     grpc::ClientContext load_context;
     ASSERT_TRUE(stub->GetLoad(&load_context, {}, &load).ok());
     if (load.kv_blocks_free() == load.kv_blocks_total()) break;
@@ -281,8 +281,12 @@ TEST(ServeTest, SigtermDrainsInFlightStreams) {
   ASSERT_TRUE(reader->Read(&response));
   int exit_code = -1;
   std::thread terminate([&] { exit_code = server.Terminate(); });
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_EQ(HealthStatus(server.port()), 2);
+  int health = 1;
+  for (int i = 0; i < 250 && health == 1; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    health = HealthStatus(server.port());
+  }
+  EXPECT_EQ(health, 2);
   v1::GenerateRequest another = request;
   another.mutable_stopping()->set_max_new_tokens(4);
   EXPECT_EQ(Generate(*stub, another).status.error_code(), grpc::StatusCode::UNAVAILABLE);
@@ -360,7 +364,7 @@ TEST(ServeTest, PrometheusMetricsCountTokensAndRequests) {
   request.mutable_kv()->set_capacity(4);
   ASSERT_TRUE(Generate(*stub, request).status.ok());
   std::string page;
-  for (int i = 0; i < 100; ++i) {  // figures are published once per step
+  for (int i = 0; i < 250; ++i) {  // figures are published once per step
     page = HttpGet(server.metrics_port(), "/metrics");
     if (page.find("morphserve_requests_finished_total{reason=\"length\"} 2") !=
             std::string::npos &&
@@ -466,7 +470,7 @@ TEST(ServeTest, CancellingTheCallStopsTheRequest) {
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
   // The sequence's blocks come back within a step or so.
   v1::Load load;
-  for (int i = 0; i < 100; ++i) {
+  for (int i = 0; i < 250; ++i) {
     grpc::ClientContext c;
     ASSERT_TRUE(stub->GetLoad(&c, {}, &load).ok());
     if (load.kv_blocks_free() == load.kv_blocks_total() && load.running() == 0) break;
