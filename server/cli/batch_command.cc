@@ -19,6 +19,7 @@
 #include "nlohmann/json.hpp"
 #include "server/cli/arg_parser.h"
 #include "server/cli/commands.h"
+#include "server/cli/engine_flags.h"
 #include "server/cli/generation_options.h"
 #include "server/cli/kv_options.h"
 #include "server/engine_loop.h"
@@ -38,12 +39,7 @@ struct BatchOptions {
   int64_t repeat = 1;
   GenerationFlags gen;
   KvFlags kv;
-  int64_t max_num_seqs = 256;
-  int64_t max_num_batched_tokens = 2048;
-  int64_t block_size = 16;
-  int64_t kv_cache_blocks = 0;
-  std::string kv_cache_memory = "1GiB";
-  int64_t threads = 0;
+  EngineFlags engine;
   std::string output;
   bool json = false;
   std::string log_level = "warn";
@@ -72,11 +68,8 @@ struct InFlight {
 absl::Status Run(const BatchOptions& o) {
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.prompts.empty()) return absl::InvalidArgumentError("--prompts is required");
-  if (o.concurrency < 1 || o.repeat < 1 || o.max_num_seqs < 1 || o.max_num_batched_tokens < 1 ||
-      o.block_size < 1) {
-    return absl::InvalidArgumentError(
-        "--concurrency, --repeat, --max-num-seqs, --max-num-batched-tokens and --block-size "
-        "must be at least 1");
+  if (o.concurrency < 1 || o.repeat < 1) {
+    return absl::InvalidArgumentError("--concurrency and --repeat must be at least 1");
   }
   ASSIGN_OR_RETURN(const std::vector<std::string> lines, ReadLines(o.prompts));
   engine::ModelLoadOptions load;
@@ -108,13 +101,7 @@ absl::Status Run(const BatchOptions& o) {
     }
   }
 
-  server::EngineOptions engine_options;
-  engine_options.block_size = o.block_size;
-  engine_options.max_num_seqs = o.max_num_seqs;
-  engine_options.max_num_batched_tokens = o.max_num_batched_tokens;
-  engine_options.threads = static_cast<int>(o.threads);
-  ASSIGN_OR_RETURN(engine_options.num_blocks,
-                   KvPoolBlocks(cfg, o.block_size, o.kv_cache_blocks, o.kv_cache_memory));
+  ASSIGN_OR_RETURN(const server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine, cfg));
   server::EngineLoop engine(*model, engine_options);
 
   const size_t total = prompts.size() * static_cast<size_t>(o.repeat);
@@ -241,13 +228,7 @@ int BatchCommand(int argc, char** argv, int first) {
   p.AddInt("repeat", &o.repeat, "run the prompt list this many times");
   AddGenerationFlags(p, &o.gen);
   AddKvFlags(p, &o.kv);
-  p.AddInt("max-num-seqs", &o.max_num_seqs, "most sequences in one step");
-  p.AddInt("max-num-batched-tokens", &o.max_num_batched_tokens,
-           "most tokens in one step (prompts are prefilled in chunks)");
-  p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
-  p.AddInt("kv-cache-blocks", &o.kv_cache_blocks, "KV pool size in blocks (overrides memory)");
-  p.AddString("kv-cache-memory", &o.kv_cache_memory, "KV pool size, e.g. 1GiB or 512MiB");
-  p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
+  AddEngineFlags(p, &o.engine);
   p.AddString("output", &o.output, "write each request's result as a JSON line to this file");
   p.AddFlag("json", &o.json, "print the summary as one JSON object");
   p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");

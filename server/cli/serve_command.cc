@@ -21,6 +21,7 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/cli/arg_parser.h"
 #include "server/cli/commands.h"
+#include "server/cli/engine_flags.h"
 #include "server/cli/kv_options.h"
 #include "server/engine_loop.h"
 #include "server/generation_service.h"
@@ -43,13 +44,8 @@ struct ServeOptions {
   std::string host = "0.0.0.0";
   int64_t port = 50051;
   int64_t metrics_port = 9464;
-  int64_t threads = 0;
+  EngineFlags engine;
   KvFlags kv;
-  int64_t max_num_seqs = 256;
-  int64_t max_num_batched_tokens = 2048;
-  int64_t block_size = 16;
-  int64_t kv_cache_blocks = 0;
-  std::string kv_cache_memory = "1GiB";
   int64_t max_new_tokens = 256;
   int64_t max_new_tokens_limit = 0;
   int64_t max_queue = 1024;
@@ -110,9 +106,8 @@ absl::Status WarmUp(server::EngineLoop& engine) {
 absl::Status Run(const ServeOptions& o) {
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.port < 0 || o.port > 65535) return absl::InvalidArgumentError("--port must be 0..65535");
-  if (o.max_num_seqs < 1 || o.max_num_batched_tokens < 1 || o.max_queue < 0 ||
-      o.drain_timeout < 0) {
-    return absl::InvalidArgumentError("scheduler limits must be positive");
+  if (o.max_queue < 0 || o.drain_timeout < 0) {
+    return absl::InvalidArgumentError("--max-queue and --drain-timeout must be at least 0");
   }
   engine::ModelLoadOptions load;
   load.path = o.model;
@@ -140,14 +135,8 @@ absl::Status Run(const ServeOptions& o) {
   defaults.max_new_tokens_limit = o.max_new_tokens_limit > 0 ? o.max_new_tokens_limit
                                                              : cfg.context_length;
   defaults.max_new_tokens = std::min(o.max_new_tokens, defaults.max_new_tokens_limit);
-  server::EngineOptions engine_options;
-  engine_options.block_size = o.block_size;
-  engine_options.max_num_seqs = o.max_num_seqs;
-  engine_options.max_num_batched_tokens = o.max_num_batched_tokens;
-  engine_options.threads = static_cast<int>(o.threads);
+  ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine, cfg));
   engine_options.max_queue = o.max_queue;
-  ASSIGN_OR_RETURN(engine_options.num_blocks,
-                   KvPoolBlocks(cfg, o.block_size, o.kv_cache_blocks, o.kv_cache_memory));
   server::EngineLoop engine(*model, engine_options);
   server::GenerationService service(*model, &engine, defaults);
 
@@ -175,7 +164,7 @@ absl::Status Run(const ServeOptions& o) {
   std::printf("morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens), metrics on %d\n",
               o.model.c_str(), o.host.c_str(), port,
               static_cast<long long>(engine_options.num_blocks),
-              static_cast<long long>(o.block_size), metrics != nullptr ? metrics->port() : -1);
+              static_cast<long long>(engine_options.block_size), metrics != nullptr ? metrics->port() : -1);
   std::fflush(stdout);
 
   std::signal(SIGTERM, OnStopSignal);
@@ -208,13 +197,8 @@ int ServeCommand(int argc, char** argv, int first) {
   p.AddInt("port", &o.port, "gRPC port (0: any free port)");
   p.AddInt("metrics-port", &o.metrics_port,
            "Prometheus /metrics port (0: any free port, -1: off)");
-  p.AddInt("threads", &o.threads, "CPU threads for the engine (0: all cores)");
+  AddEngineFlags(p, &o.engine);
   AddKvFlags(p, &o.kv);
-  p.AddInt("max-num-seqs", &o.max_num_seqs, "most sequences in one step");
-  p.AddInt("max-num-batched-tokens", &o.max_num_batched_tokens, "most tokens in one step");
-  p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
-  p.AddInt("kv-cache-blocks", &o.kv_cache_blocks, "KV pool size in blocks (overrides memory)");
-  p.AddString("kv-cache-memory", &o.kv_cache_memory, "KV pool size, e.g. 1GiB or 512MiB");
   p.AddInt("max-new-tokens", &o.max_new_tokens, "default max_new_tokens of a request");
   p.AddInt("max-new-tokens-limit", &o.max_new_tokens_limit,
            "most tokens a request may ask for (0: the context length)");

@@ -1,0 +1,35 @@
+#include "server/cli/engine_flags.h"
+
+#include "common/status.h"
+#include "server/cli/kv_options.h"
+
+namespace morphserve::cli {
+
+void AddEngineFlags(ArgParser& p, EngineFlags* f) {
+  p.AddInt("max-num-seqs", &f->max_num_seqs, "most sequences in one step");
+  p.AddInt("max-num-batched-tokens", &f->max_num_batched_tokens,
+           "most tokens in one step (prompts are prefilled in chunks)");
+  p.AddInt("block-size", &f->block_size, "KV cache block size in tokens");
+  p.AddInt("kv-cache-blocks", &f->kv_cache_blocks, "KV pool size in blocks (overrides memory)");
+  p.AddString("kv-cache-memory", &f->kv_cache_memory, "KV pool size, e.g. 1GiB or 512MiB");
+  p.AddInt("threads", &f->threads, "CPU threads for the engine (0: all cores)");
+}
+
+absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& f,
+                                                             const engine::ModelConfig& config) {
+  if (f.max_num_seqs < 1 || f.max_num_batched_tokens < 1 || f.block_size < 1 || f.threads < 0) {
+    return absl::InvalidArgumentError(
+        "--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1, "
+        "--threads at least 0");
+  }
+  server::EngineOptions o;
+  o.block_size = f.block_size;
+  o.max_num_seqs = f.max_num_seqs;
+  o.max_num_batched_tokens = f.max_num_batched_tokens;
+  o.threads = static_cast<int>(f.threads);
+  ASSIGN_OR_RETURN(o.num_blocks,
+                   KvPoolBlocks(config, f.block_size, f.kv_cache_blocks, f.kv_cache_memory));
+  return o;
+}
+
+}  // namespace morphserve::cli

@@ -1,0 +1,33 @@
+// The engine and scheduler flags shared by `serve` and `batch`: KV pool
+// size, block size, step limits, threads.
+#ifndef MORPHSERVE_SERVER_CLI_ENGINE_FLAGS_H_
+#define MORPHSERVE_SERVER_CLI_ENGINE_FLAGS_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/model/model_config.h"
+#include "server/cli/arg_parser.h"
+#include "server/engine_loop.h"
+
+namespace morphserve::cli {
+
+struct EngineFlags {
+  int64_t max_num_seqs = 256;
+  int64_t max_num_batched_tokens = 2048;
+  int64_t block_size = 16;
+  int64_t kv_cache_blocks = 0;
+  std::string kv_cache_memory = "1GiB";
+  int64_t threads = 0;
+};
+
+void AddEngineFlags(ArgParser& parser, EngineFlags* flags);
+
+// Validates the flags and sizes the KV pool for `config`.
+absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& flags,
+                                                             const engine::ModelConfig& config);
+
+}  // namespace morphserve::cli
+
+#endif  // MORPHSERVE_SERVER_CLI_ENGINE_FLAGS_H_
