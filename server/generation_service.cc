@@ -64,6 +64,13 @@ class GenerationServiceImpl final : public v1::Generation::CallbackService {
 
   void Register(const std::string& request_id, int64_t engine_id);
   void Forget(const std::string& request_id);
+  // Finishes a unary call with `status`.
+  static grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* context,
+                                        const grpc::Status& status) {
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(status);
+    return reactor;
+  }
   // UNAUTHENTICATED unless API keys are off or the call carries one.
   grpc::Status Authorize(const grpc::CallbackServerContext* context) const;
 
@@ -271,11 +278,7 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* GenerationServiceImpl::Generate(
 grpc::ServerUnaryReactor* GenerationServiceImpl::Cancel(grpc::CallbackServerContext* context,
                                                     const v1::CancelRequest* request,
                                                     v1::CancelResponse* response) {
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
-    denied->Finish(auth);
-    return denied;
-  }
+  if (grpc::Status auth = Authorize(context); !auth.ok()) return Done(context, auth);
   int64_t engine_id = -1;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -283,36 +286,24 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Cancel(grpc::CallbackServerCont
   }
   if (engine_id >= 0) engine_->Cancel(engine_id);
   response->set_found(engine_id >= 0);
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return Done(context, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* GenerationServiceImpl::Tokenize(grpc::CallbackServerContext* context,
                                                       const v1::TokenizeRequest* request,
                                                       v1::TokenizeResponse* response) {
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
-    denied->Finish(auth);
-    return denied;
-  }
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (grpc::Status auth = Authorize(context); !auth.ok()) return Done(context, auth);
   auto ids = TokenizeInput(model_, *request);
   if (ids.ok()) {
     for (int32_t id : *ids) response->add_ids(id);
   }
-  reactor->Finish(ToGrpcStatus(ids.status()));
-  return reactor;
+  return Done(context, ToGrpcStatus(ids.status()));
 }
 
 grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(grpc::CallbackServerContext* context,
                                                           const v1::GetModelInfoRequest*,
                                                           v1::ModelInfo* response) {
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
-    denied->Finish(auth);
-    return denied;
-  }
+  if (grpc::Status auth = Authorize(context); !auth.ok()) return Done(context, auth);
   const engine::ModelConfig& c = model_.config;
   response->set_architecture(c.architecture);
   response->set_name(model_.path);
@@ -334,19 +325,13 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetModelInfo(grpc::CallbackServ
   d->set_aggregation(std::string(MorphKvAggregationName(kv.aggregation)));
   response->set_max_new_tokens_limit(static_cast<uint32_t>(defaults_.max_new_tokens_limit));
   response->set_kv_block_size(static_cast<uint32_t>(engine_->options().block_size));
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return Done(context, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* GenerationServiceImpl::GetLoad(grpc::CallbackServerContext* context,
                                                      const v1::GetLoadRequest*,
                                                      v1::Load* response) {
-  if (grpc::Status auth = Authorize(context); !auth.ok()) {
-    grpc::ServerUnaryReactor* denied = context->DefaultReactor();
-    denied->Finish(auth);
-    return denied;
-  }
+  if (grpc::Status auth = Authorize(context); !auth.ok()) return Done(context, auth);
   const EngineStats s = engine_->Stats();
   response->set_running(static_cast<uint32_t>(s.running));
   response->set_waiting(static_cast<uint32_t>(s.waiting));
@@ -361,9 +346,7 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::GetLoad(grpc::CallbackServerCon
   response->set_capacity_prompt_tokens(kPrompt);
   response->set_budget_capacity(
       static_cast<uint32_t>(per_request > 0 ? s.free_blocks / per_request : 0));
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  reactor->Finish(grpc::Status::OK);
-  return reactor;
+  return Done(context, grpc::Status::OK);
 }
 
 }  // namespace morphserve::server

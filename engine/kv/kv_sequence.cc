@@ -83,8 +83,7 @@ int64_t KvSequence::PendingVictim(int64_t layer, int64_t kv_head) const {
 }
 
 KvUsage KvSequence::Usage() const {
-  const int64_t per_token = shape_.num_layers * shape_.num_kv_heads * 2 * shape_.head_dim *
-                            static_cast<int64_t>(sizeof(float));
+  const int64_t per_token = shape_.BytesPerBlock() / shape_.block_size;
   KvUsage u;
   u.tokens_resident = num_slots_;
   u.tokens_full_equivalent = num_tokens_;
@@ -114,33 +113,46 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
   const bool snap = config_.kind == KvPolicyKind::kSnapKv && select && !selected_ &&
                     tokens > config_.capacity;
   Grow(scratch, static_cast<size_t>(shape_.num_kv_heads));
-  const int64_t slots = ContextSlots(n - 1);
-  const auto head_step = [&](int64_t kv_head) {
-    return HeadStep{layer, kv_head, n, tokens, slots, layer * shape_.num_kv_heads + kv_head};
-  };
-  const bool morph = evict && config_.kind == KvPolicyKind::kMorphKv;
-  std::vector<int64_t>& rows = morph_rows_;
-  rows.assign(shape_.num_kv_heads, 0);
-  const std::function<void(int64_t, int64_t)> prepare = [&](int64_t begin, int64_t end) {
+  morph_rows_.assign(shape_.num_kv_heads, 0);
+  // What the parallel tasks need, in one struct: each task captures two
+  // pointers, which std::function stores without allocating.
+  struct Step {
+    int64_t layer, n, tokens, slots;
+    bool evict, snap, morph;
+    const float* q;
+    int64_t q_stride;
+    PagedKvCache* cache;
+    std::span<const int32_t> table;
+    std::vector<KvScratch>* scratch;
+    int64_t chunk = 0, chunks = 0;  // MorphKV's slot chunks per head
+    int64_t kv_heads;
+    HeadStep Head(int64_t kv_head) const {
+      return {layer, kv_head, n, tokens, slots, layer * kv_heads + kv_head};
+    }
+  } st{layer, n, tokens, ContextSlots(n - 1), evict, snap,
+       evict && config_.kind == KvPolicyKind::kMorphKv, q, q_stride, &cache, block_table,
+       &scratch, 0, 0, shape_.num_kv_heads};
+  const std::function<void(int64_t, int64_t)> prepare = [this, &st](int64_t begin, int64_t end) {
     for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
-      const HeadStep h = head_step(kv_head);
-      KvScratch& s = scratch[kv_head];
+      const HeadStep h = st.Head(kv_head);
+      KvScratch& s = (*st.scratch)[kv_head];
       if (!aligned_) {
-        for (int64_t i = 0; i < n; ++i) {
-          positions_[h.index][WriteSlot(layer, kv_head, i)] = static_cast<int32_t>(num_tokens_ + i);
+        for (int64_t i = 0; i < st.n; ++i) {
+          positions_[h.index][WriteSlot(st.layer, kv_head, i)] =
+              static_cast<int32_t>(num_tokens_ + i);
         }
       }
       if (config_.kind == KvPolicyKind::kH2o) {
         if (overwrite_) h2o_scores_[h.index][victim_[h.index]] = 0.0f;
-        AccumulateH2o(h, q, q_stride, cache, block_table, s);
+        AccumulateH2o(h, st.q, st.q_stride, *st.cache, st.table, s);
       }
-      if (snap) SnapKvSelect(h, cache, block_table, s);
-      if (!evict) continue;
+      if (st.snap) SnapKvSelect(h, *st.cache, st.table, s);
+      if (!st.evict) continue;
       BuildCandidateMask(h, s);
       Grow(s.scores, h.slots);
-      if (morph) {
-        rows[kv_head] = MorphKvRows(h, s);
-        Grow(s.logits, rows[kv_head] * h.slots);
+      if (st.morph) {
+        morph_rows_[kv_head] = MorphKvRows(h, s);
+        Grow(s.logits, morph_rows_[kv_head] * h.slots);
       } else if (config_.kind == KvPolicyKind::kH2o) {
         std::copy_n(h2o_scores_[h.index].begin(), h.slots, s.scores.begin());
       } else {  // streaming: the oldest candidate goes first
@@ -151,29 +163,30 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
     }
   };
   pool->ParallelFor(shape_.num_kv_heads, 1, prepare);
-  if (morph) {
+  if (st.morph) {
     // The window logits are most of the work: split every head's slots into
     // block-aligned chunks so that all threads share it.
     const int64_t bs = shape_.block_size;
-    const int64_t chunk =
-        std::max<int64_t>(bs, (slots + 4 * bs - 1) / (4 * bs) * bs);
-    const int64_t chunks = (slots + chunk - 1) / chunk;
-    const std::function<void(int64_t, int64_t)> logits = [&](int64_t begin, int64_t end) {
+    st.chunk = std::max<int64_t>(bs, (st.slots + 4 * bs - 1) / (4 * bs) * bs);
+    st.chunks = (st.slots + st.chunk - 1) / st.chunk;
+    const std::function<void(int64_t, int64_t)> logits = [this, &st](int64_t begin,
+                                                                      int64_t end) {
       for (int64_t u = begin; u < end; ++u) {
-        const int64_t kv_head = u / chunks;
-        const int64_t first = (u % chunks) * chunk;
-        MorphKvLogits(head_step(kv_head), cache, block_table, rows[kv_head], first,
-                      std::min(slots, first + chunk), scratch[kv_head]);
+        const int64_t kv_head = u / st.chunks;
+        const int64_t first = (u % st.chunks) * st.chunk;
+        MorphKvLogits(st.Head(kv_head), *st.cache, st.table, morph_rows_[kv_head], first,
+                      std::min(st.slots, first + st.chunk), (*st.scratch)[kv_head]);
       }
     };
-    pool->ParallelFor(shape_.num_kv_heads * chunks, 1, logits);
+    pool->ParallelFor(shape_.num_kv_heads * st.chunks, 1, logits);
   }
-  if (evict) {
-    const std::function<void(int64_t, int64_t)> choose = [&](int64_t begin, int64_t end) {
+  if (st.evict) {
+    const std::function<void(int64_t, int64_t)> choose = [this, &st](int64_t begin,
+                                                                      int64_t end) {
       for (int64_t kv_head = begin; kv_head < end; ++kv_head) {
-        const HeadStep h = head_step(kv_head);
-        if (morph) MorphKvFuse(h, rows[kv_head], scratch[kv_head]);
-        SelectVictim(h, cache, block_table, scratch[kv_head]);
+        const HeadStep h = st.Head(kv_head);
+        if (st.morph) MorphKvFuse(h, morph_rows_[kv_head], (*st.scratch)[kv_head]);
+        SelectVictim(h, *st.cache, st.table, (*st.scratch)[kv_head]);
       }
     };
     pool->ParallelFor(shape_.num_kv_heads, 1, choose);

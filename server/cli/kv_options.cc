@@ -3,6 +3,7 @@
 #include "absl/strings/numbers.h"
 #include "common/status.h"
 #include "common/strings.h"
+#include "engine/kv/paged_kv_cache.h"
 
 namespace morphserve::cli {
 
@@ -47,8 +48,9 @@ absl::StatusOr<int64_t> KvPoolBlocks(const engine::ModelConfig& config, int64_t 
     }
     double v = 0;
     if (!absl::SimpleAtod(memory.substr(0, memory.size() - unit.size()), &v) || !(v > 0)) break;
-    const int64_t per_block = 2 * config.num_layers * config.num_kv_heads * block_size *
-                              config.head_dim * static_cast<int64_t>(sizeof(float));
+    const int64_t per_block =
+        engine::KvCacheShape{config.num_layers, config.num_kv_heads, config.head_dim, block_size, 0}
+            .BytesPerBlock();
     const auto n = static_cast<int64_t>(v * static_cast<double>(scale)) / per_block;
     if (n < 1) {
       return absl::InvalidArgumentError(StrCat("--kv-cache-memory ", memory,

@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -46,6 +47,11 @@ class ServerProcess {
     posix_spawn_file_actions_init(&actions);
     posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
     posix_spawn_file_actions_addclose(&actions, out[0]);
+    // A free metrics port unless the test names one, so that servers
+    // started side by side (ctest -j) never collide on the default.
+    if (std::find(args.begin(), args.end(), "--metrics-port") == args.end()) {
+      args.insert(args.end(), {"--metrics-port", "0"});
+    }
     args.insert(args.begin(), {kBinary, "serve"});
     std::vector<char*> argv;
     for (std::string& a : args) argv.push_back(a.data());
