@@ -230,8 +230,10 @@ const StepPlan& Scheduler::Schedule() {
     const int64_t n = std::min(seq.prompt_tokens - seq.num_computed, max_tokens - plan_.num_tokens);
     if (EnsureBlocks(seq, n)) Plan(seq, n);
   }
-  // Then new (or preempted) requests, strictly in order.
-  while (!waiting_.empty() && !full()) {
+  // Then new (or preempted) requests, strictly in order; but not in a step
+  // that had to preempt: the pool is short, and re-admitting the victim into
+  // the blocks it just gave up would only recompute it again and again.
+  while (plan_.preempted.empty() && !waiting_.empty() && !full()) {
     if (!Admit(sequences_.at(waiting_.front()))) break;
   }
   return plan_;

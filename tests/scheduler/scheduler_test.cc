@@ -75,6 +75,13 @@ class Harness {
       out.emplace_back(seq.seq_id, static_cast<int64_t>(seq.tokens.size()));
     }
     last_preempted = plan.preempted;
+    // A step that had to preempt admits nothing: the victim does not come
+    // straight back into the blocks it gave up.
+    if (!plan.preempted.empty()) {
+      for (const ScheduledSequence& seq : plan.sequences) {
+        EXPECT_FALSE(seq.fresh) << "sequence " << seq.seq_id << " admitted in a preempting step";
+      }
+    }
     for (const TokenEvent& e : s.Update(exec.Run(s, plan))) {
       if (e.token >= 0) tokens[e.seq_id].push_back(e.token);
       if (e.finish != FinishReason::kNone) {
