@@ -5,6 +5,7 @@
 #ifndef MORPHSERVE_SERVER_REQUEST_BUILDER_H_
 #define MORPHSERVE_SERVER_REQUEST_BUILDER_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -21,23 +22,31 @@ struct ServerDefaults {
   // Accepted bearer tokens (`authorization: Bearer KEY`); empty: no auth.
   std::vector<std::string> api_keys;
   KvPolicyConfig kv;
-  int64_t max_new_tokens = 256;         // when the request leaves it unset
+  // When the request leaves it unset; capped at what the context leaves
+  // after the prompt.
+  int64_t max_new_tokens = 256;
   int64_t max_new_tokens_limit = 4096;  // the most a request may ask for
 };
+
+// Limits on request fields, documented in docs/api.md (the stop string
+// limits are the engine's kMaxStopStrings and kMaxStopStringBytes).
+inline constexpr size_t kMaxStopTokenIds = 64;
+// Request ids are echoed into responses and logs.
+inline constexpr size_t kMaxRequestIdBytes = 128;
 
 absl::StatusOr<GenerationRequest> BuildGenerationRequest(const v1::GenerateRequest& request,
                                                          const engine::Model& model,
                                                          const ServerDefaults& defaults);
 
-// The request's KV policy: the defaults, overridden field by field.
+// The request's KV policy: the defaults, overridden field by field, checked
+// against the model's context length.
 absl::StatusOr<KvPolicyConfig> KvPolicyFromProto(const v1::KvParams& kv,
-                                                 const KvPolicyConfig& defaults);
+                                                 const KvPolicyConfig& defaults,
+                                                 int64_t context_length);
 
 // Prompt tokens of text or chat input, as Generate would use them.
 absl::StatusOr<std::vector<int32_t>> TokenizeInput(const engine::Model& model,
                                                    const v1::TokenizeRequest& request);
-
-bool IsValidUtf8(std::string_view text);
 
 }  // namespace morphserve::server
 
