@@ -96,6 +96,9 @@ TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
                         "--max-message-bytes", "65536"});
   ASSERT_GT(server.port(), 0) << "the server did not start";
   auto stub = Connect(server.port());
+  // A request leaves the queue a moment after its last token (the warm-up
+  // one here, the first one below).
+  WaitUntilIdle(*stub);
 
   v1::GenerateRequest request;
   request.set_text("Once upon a time");
@@ -273,7 +276,7 @@ TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
   long_one.mutable_kv()->set_policy("streaming");
   long_one.mutable_kv()->set_window(4);
   long_one.mutable_kv()->set_capacity(8);
-  WaitUntilIdle(*stub);  // the first request has left the queue
+  WaitUntilIdle(*stub);
   grpc::ClientContext long_context;
   auto long_reader = stub->Generate(&long_context, long_one);
   v1::GenerateResponse response;
