@@ -91,12 +91,12 @@ absl::StatusOr<LogFormat> ParseLogFormat(std::string_view name) {
   return absl::InvalidArgumentError(StrCat("unknown log format '", name, "' (plain or json)"));
 }
 
-absl::Status InitLogging(std::string_view level, LogFormat format) {
+absl::Status InitLogging(std::string_view level, LogFormat format, spdlog::sink_ptr sink) {
   const spdlog::level::level_enum lvl = spdlog::level::from_str(std::string(level));
   if (lvl == spdlog::level::off && level != "off") {
     return absl::InvalidArgumentError(StrCat("unknown log level '", level, "'"));
   }
-  auto sink = std::make_shared<spdlog::sinks::stderr_sink_mt>();
+  if (sink == nullptr) sink = std::make_shared<spdlog::sinks::stderr_sink_mt>();
   auto logger = std::make_shared<spdlog::logger>("morphserve", sink);
   auto request_logger = std::make_shared<spdlog::logger>(kRequestLogger, sink);
   for (spdlog::logger* l : {logger.get(), request_logger.get()}) {

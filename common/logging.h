@@ -21,7 +21,8 @@ absl::StatusOr<LogFormat> ParseLogFormat(std::string_view name);  // plain or js
 // level: trace, debug, info, warn, error, off. Logs go to stderr so that
 // stdout stays clean for generated text and JSON results. In JSON every line
 // is one object: ts, level, msg, and a request's fields.
-absl::Status InitLogging(std::string_view level, LogFormat format);
+// `sink` replaces stderr (tests).
+absl::Status InitLogging(std::string_view level, LogFormat format, spdlog::sink_ptr sink = nullptr);
 
 // A named value on a request's log line.
 struct LogField {
