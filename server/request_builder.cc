@@ -15,23 +15,24 @@
 namespace morphserve::server {
 namespace {
 
-using engine::unicode::IsValidUtf8;
+// Client request ids go into logs and responses as they are.
+constexpr size_t kMaxRequestIdBytes = 256;
 
 // The fields chat input is checked for whatever the model's template.
 absl::Status CheckChatMessages(const v1::ChatInput& chat) {
-  if (chat.messages().empty()) return absl::InvalidArgumentError("chat.messages is empty");
+  if (chat.messages().empty()) return absl::InvalidArgumentError("chat.messages: empty");
   for (int i = 0; i < chat.messages_size(); ++i) {
     const v1::ChatMessage& m = chat.messages(i);
     if (m.role() != "system" && m.role() != "user" && m.role() != "assistant") {
+      // The role is not echoed: errors are logged.
       return absl::InvalidArgumentError(
-          StrCat("chat.messages[", i, "].role must be system, user or assistant"));
+          StrCat("chat.messages[", i, "].role: must be system, user or assistant"));
     }
     if (m.content().empty()) {
-      return absl::InvalidArgumentError(StrCat("chat.messages[", i, "].content is empty"));
+      return absl::InvalidArgumentError(StrCat("chat.messages[", i, "].content: empty"));
     }
     if (!IsValidUtf8(m.content())) {
-      return absl::InvalidArgumentError(
-          StrCat("chat.messages[", i, "].content is not valid UTF-8"));
+      return absl::InvalidArgumentError(StrCat("chat.messages[", i, "].content: not valid UTF-8"));
     }
   }
   return absl::OkStatus();
@@ -45,9 +46,9 @@ absl::StatusOr<std::vector<int32_t>> RenderChat(const engine::Model& model,
   RETURN_IF_ERROR(CheckChatMessages(chat));
   auto tmpl = engine::ChatTemplate::FromModel(*model.tokenizer);
   if (!tmpl.ok()) {
-    return absl::InvalidArgumentError(StrCat("chat: needs a chat template the server knows (",
-                                             ToStd(tmpl.status().message()),
-                                             "); send text or tokens"));
+    return absl::InvalidArgumentError(
+        StrCat("chat: the model has no chat template the server knows (",
+               ToStd(tmpl.status().message()), "); send text or tokens"));
   }
   std::vector<engine::ChatMessage> messages;
   for (const v1::ChatMessage& m : chat.messages()) messages.push_back({m.role(), m.content()});
@@ -66,7 +67,7 @@ absl::StatusOr<std::vector<int32_t>> EncodeText(const engine::Model& model, cons
   if (model.tokenizer == nullptr) {
     return absl::InvalidArgumentError("text: the model has no tokenizer; send tokens");
   }
-  if (!IsValidUtf8(text)) return absl::InvalidArgumentError("text is not valid UTF-8");
+  if (!IsValidUtf8(text)) return absl::InvalidArgumentError("text: not valid UTF-8");
   return model.tokenizer->Encode(text, add_special, /*parse_special=*/false);
 }
 
@@ -84,46 +85,31 @@ absl::Status CheckTokenIds(std::string_view field, const std::vector<int32_t>& i
 // The engine's StopConditions checks again, but names no proto field.
 absl::Status CheckStopping(const engine::StopConditions& stop, int64_t vocab_size) {
   if (stop.min_new_tokens > stop.max_new_tokens) {
-    return absl::InvalidArgumentError(StrCat("stopping.min_new_tokens (", stop.min_new_tokens,
-                                             ") must be at most max_new_tokens (",
-                                             stop.max_new_tokens, ")"));
+    return absl::InvalidArgumentError(StrCat("stopping.min_new_tokens: ", stop.min_new_tokens,
+                                             " is above max_new_tokens (", stop.max_new_tokens,
+                                             ")"));
   }
   if (stop.stop_strings.size() > engine::kMaxStopStrings) {
-    return absl::InvalidArgumentError(StrCat("stopping.stop holds ", stop.stop_strings.size(),
+    return absl::InvalidArgumentError(StrCat("stopping.stop: ", stop.stop_strings.size(),
                                              " strings; at most ", engine::kMaxStopStrings));
   }
   for (size_t i = 0; i < stop.stop_strings.size(); ++i) {
     const std::string& s = stop.stop_strings[i];
-    if (s.empty()) return absl::InvalidArgumentError(StrCat("stopping.stop[", i, "] is empty"));
+    if (s.empty()) return absl::InvalidArgumentError(StrCat("stopping.stop[", i, "]: empty"));
     if (s.size() > engine::kMaxStopStringBytes) {
-      return absl::InvalidArgumentError(StrCat("stopping.stop[", i, "] is ", s.size(),
+      return absl::InvalidArgumentError(StrCat("stopping.stop[", i, "]: ", s.size(),
                                                " bytes; at most ", engine::kMaxStopStringBytes));
     }
     if (!IsValidUtf8(s)) {
-      return absl::InvalidArgumentError(StrCat("stopping.stop[", i, "] is not valid UTF-8"));
+      return absl::InvalidArgumentError(StrCat("stopping.stop[", i, "]: not valid UTF-8"));
     }
   }
   if (stop.stop_token_ids.size() > kMaxStopTokenIds) {
-    return absl::InvalidArgumentError(StrCat("stopping.stop_token_ids holds ",
-                                             stop.stop_token_ids.size(), " ids; at most ",
-                                             kMaxStopTokenIds));
+    return absl::InvalidArgumentError(
+        StrCat("stopping.stop_token_ids: ", stop.stop_token_ids.size(), " ids; at most ",
+               kMaxStopTokenIds));
   }
   return CheckTokenIds("stopping.stop_token_ids", stop.stop_token_ids, vocab_size);
-}
-
-absl::Status CheckRequestId(const std::string& id) {
-  if (id.size() > kMaxRequestIdBytes) {
-    return absl::InvalidArgumentError(
-        StrCat("request_id is ", id.size(), " bytes; at most ", kMaxRequestIdBytes));
-  }
-  // It goes into logs as is: no spaces, control characters or non-ASCII.
-  for (const char c : id) {
-    const auto b = static_cast<unsigned char>(c);
-    if (b <= 0x20 || b >= 0x7f) {
-      return absl::InvalidArgumentError("request_id must be printable ASCII without spaces");
-    }
-  }
-  return absl::OkStatus();
 }
 
 // The field a KV parse error is about, in front of the parser's message.
@@ -132,6 +118,22 @@ absl::Status KvFieldError(std::string_view field, const absl::Status& status) {
 }
 
 }  // namespace
+
+bool IsValidUtf8(std::string_view text) { return engine::unicode::IsValidUtf8(text); }
+
+absl::Status CheckRequestId(std::string_view id) {
+  if (id.size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(
+        StrCat("request_id: longer than ", kMaxRequestIdBytes, " bytes"));
+  }
+  for (const char c : id) {
+    const auto b = static_cast<unsigned char>(c);
+    if (b <= 0x20 || b >= 0x7f) {
+      return absl::InvalidArgumentError("request_id: only printable ASCII, no spaces");
+    }
+  }
+  return absl::OkStatus();
+}
 
 absl::StatusOr<KvPolicyConfig> KvPolicyFromProto(const v1::KvParams& kv,
                                                  const KvPolicyConfig& defaults,
@@ -171,7 +173,7 @@ absl::StatusOr<std::vector<int32_t>> TokenizeInput(const engine::Model& model,
     case v1::TokenizeRequest::kChat:
       return RenderChat(model, request.chat());
     default:
-      return absl::InvalidArgumentError("input is empty: set text or chat");
+      return absl::InvalidArgumentError("input: empty; set text or chat");
   }
 }
 
@@ -186,14 +188,14 @@ absl::StatusOr<GenerationRequest> BuildGenerationRequest(const v1::GenerateReque
   switch (request.input_case()) {
     case v1::GenerateRequest::kText: {
       input = "text";
-      if (request.text().empty()) return absl::InvalidArgumentError("text is empty");
+      if (request.text().empty()) return absl::InvalidArgumentError("text: empty");
       ASSIGN_OR_RETURN(r.prompt, EncodeText(model, request.text(), /*add_special=*/true));
       break;
     }
     case v1::GenerateRequest::kTokens:
       input = "tokens.ids";
       r.prompt.assign(request.tokens().ids().begin(), request.tokens().ids().end());
-      if (r.prompt.empty()) return absl::InvalidArgumentError("tokens.ids is empty");
+      if (r.prompt.empty()) return absl::InvalidArgumentError("tokens.ids: empty");
       RETURN_IF_ERROR(CheckTokenIds(input, r.prompt, vocab_size));
       break;
     case v1::GenerateRequest::kChat: {
@@ -202,10 +204,10 @@ absl::StatusOr<GenerationRequest> BuildGenerationRequest(const v1::GenerateReque
       break;
     }
     default:
-      return absl::InvalidArgumentError("input is empty: set text, tokens or chat");
+      return absl::InvalidArgumentError("input: empty; set text, tokens or chat");
   }
   const auto prompt = static_cast<int64_t>(r.prompt.size());
-  if (prompt == 0) return absl::InvalidArgumentError(StrCat(input, " encodes to no tokens"));
+  if (prompt == 0) return absl::InvalidArgumentError(StrCat(input, ": encodes to no tokens"));
   if (prompt >= context_length) {
     return absl::OutOfRangeError(StrCat(input, ": the prompt is ", prompt,
                                         " tokens; the context length ", context_length,
@@ -226,7 +228,7 @@ absl::StatusOr<GenerationRequest> BuildGenerationRequest(const v1::GenerateReque
   }
   if (request.top_logprobs() > static_cast<uint32_t>(kMaxLogprobs)) {
     return absl::InvalidArgumentError(
-        StrCat("top_logprobs must be in [0, ", kMaxLogprobs, "], got ", request.top_logprobs()));
+        StrCat("top_logprobs: ", request.top_logprobs(), " is above ", kMaxLogprobs));
   }
   r.sampling.logprobs = static_cast<int32_t>(request.top_logprobs());
 
@@ -234,13 +236,13 @@ absl::StatusOr<GenerationRequest> BuildGenerationRequest(const v1::GenerateReque
   if (stop.has_max_new_tokens()) {
     r.stop.max_new_tokens = stop.max_new_tokens();
     if (r.stop.max_new_tokens < 1 || r.stop.max_new_tokens > defaults.max_new_tokens_limit) {
-      return absl::InvalidArgumentError(StrCat("stopping.max_new_tokens must be in [1, ",
-                                               defaults.max_new_tokens_limit, "], got ",
-                                               r.stop.max_new_tokens));
+      return absl::InvalidArgumentError(StrCat("stopping.max_new_tokens: ", r.stop.max_new_tokens,
+                                               " is outside [1, ", defaults.max_new_tokens_limit,
+                                               "]"));
     }
     if (prompt + r.stop.max_new_tokens > context_length) {
-      return absl::OutOfRangeError(StrCat("stopping.max_new_tokens (", r.stop.max_new_tokens,
-                                          ") after a prompt of ", prompt,
+      return absl::OutOfRangeError(StrCat("stopping.max_new_tokens: ", r.stop.max_new_tokens,
+                                          " after a prompt of ", prompt,
                                           " tokens exceeds the context length ", context_length));
     }
   } else {

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -28,11 +29,9 @@ struct ServerDefaults {
   int64_t max_new_tokens_limit = 4096;  // the most a request may ask for
 };
 
-// Limits on request fields, documented in docs/api.md (the stop string
-// limits are the engine's kMaxStopStrings and kMaxStopStringBytes).
+// The most stop token ids a request may give (the stop string limits are
+// the engine's kMaxStopStrings and kMaxStopStringBytes); docs/api.md.
 inline constexpr size_t kMaxStopTokenIds = 64;
-// Request ids are echoed into responses and logs.
-inline constexpr size_t kMaxRequestIdBytes = 128;
 
 absl::StatusOr<GenerationRequest> BuildGenerationRequest(const v1::GenerateRequest& request,
                                                          const engine::Model& model,
@@ -47,6 +46,15 @@ absl::StatusOr<KvPolicyConfig> KvPolicyFromProto(const v1::KvParams& kv,
 // Prompt tokens of text or chat input, as Generate would use them.
 absl::StatusOr<std::vector<int32_t>> TokenizeInput(const engine::Model& model,
                                                    const v1::TokenizeRequest& request);
+
+// A client's request id goes into logs and responses as is: at most 256
+// bytes of printable ASCII without spaces. BuildGenerationRequest checks it
+// too; this is for callers that log the id before building.
+absl::Status CheckRequestId(std::string_view id);
+
+// Strict UTF-8 (no overlong forms, surrogates or values past U+10FFFF), as
+// every string field must hold.
+bool IsValidUtf8(std::string_view text);
 
 }  // namespace morphserve::server
 

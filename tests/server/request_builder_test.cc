@@ -112,7 +112,7 @@ TEST_F(RequestBuilderTest, LimitsHoldAtTheirBoundaries) {
   r.mutable_stopping()->set_max_new_tokens(100);
   EXPECT_EQ(Error(r), "ok");
   r.mutable_stopping()->set_max_new_tokens(101);
-  EXPECT_EQ(Error(r), "stopping.max_new_tokens must be in [1, 100], got 101");
+  EXPECT_EQ(Error(r), "stopping.max_new_tokens: 101 is outside [1, 100]");
 
   defaults_.max_new_tokens_limit = context;
   r = Tokens(static_cast<int>(context) - 100);
@@ -125,7 +125,7 @@ TEST_F(RequestBuilderTest, LimitsHoldAtTheirBoundaries) {
   r.mutable_stopping()->set_max_new_tokens(4);
   r.mutable_stopping()->set_min_new_tokens(4);
   r.set_top_logprobs(20);
-  r.set_request_id(std::string(kMaxRequestIdBytes, '~'));
+  r.set_request_id(std::string(256, '~'));
   for (size_t i = 0; i < engine::kMaxStopStrings; ++i) {
     r.mutable_stopping()->add_stop(
         std::string(engine::kMaxStopStringBytes, static_cast<char>('a' + i)));
@@ -136,22 +136,22 @@ TEST_F(RequestBuilderTest, LimitsHoldAtTheirBoundaries) {
   EXPECT_EQ(Error(r), "ok");
   v1::GenerateRequest over = r;
   over.mutable_stopping()->set_min_new_tokens(5);
-  EXPECT_EQ(Error(over), "stopping.min_new_tokens (5) must be at most max_new_tokens (4)");
+  EXPECT_EQ(Error(over), "stopping.min_new_tokens: 5 is above max_new_tokens (4)");
   over = r;
   over.set_top_logprobs(21);
-  EXPECT_EQ(Error(over), "top_logprobs must be in [0, 20], got 21");
+  EXPECT_EQ(Error(over), "top_logprobs: 21 is above 20");
   over = r;
-  over.set_request_id(std::string(kMaxRequestIdBytes + 1, '~'));
-  EXPECT_EQ(Error(over), "request_id is 129 bytes; at most 128");
+  over.set_request_id(std::string(257, '~'));
+  EXPECT_EQ(Error(over), "request_id: longer than 256 bytes");
   over = r;
   over.mutable_stopping()->add_stop("b");
-  EXPECT_EQ(Error(over), "stopping.stop holds 17 strings; at most 16");
+  EXPECT_EQ(Error(over), "stopping.stop: 17 strings; at most 16");
   over = r;
   over.mutable_stopping()->mutable_stop(3)->push_back('x');
-  EXPECT_EQ(Error(over), "stopping.stop[3] is 257 bytes; at most 256");
+  EXPECT_EQ(Error(over), "stopping.stop[3]: 257 bytes; at most 256");
   over = r;
   over.mutable_stopping()->add_stop_token_ids(0);
-  EXPECT_EQ(Error(over), "stopping.stop_token_ids holds 65 ids; at most 64");
+  EXPECT_EQ(Error(over), "stopping.stop_token_ids: 65 ids; at most 64");
   over = r;
   over.mutable_stopping()->set_stop_token_ids(2, vocab);
   EXPECT_EQ(Error(over), "stopping.stop_token_ids[2]: " + std::to_string(vocab) +
@@ -185,7 +185,7 @@ TEST_F(RequestBuilderTest, RequestIdsArePrintableAscii) {
   v1::GenerateRequest r = Tokens(1);
   for (const char* id : {"a b", "tab\there", "caf\xC3\xA9", "new\nline"}) {
     r.set_request_id(id);
-    EXPECT_EQ(Error(r), "request_id must be printable ASCII without spaces") << id;
+    EXPECT_EQ(Error(r), "request_id: only printable ASCII, no spaces") << id;
   }
 }
 
@@ -193,11 +193,11 @@ TEST_F(RequestBuilderTest, TokenizeChecksChatInputAsGenerateDoes) {
   v1::TokenizeRequest t;
   v1::ChatMessage* m = t.mutable_chat()->add_messages();
   m->set_role("user");
-  EXPECT_EQ(TokenizeInput(*model_, t).status().message(), "chat.messages[0].content is empty");
+  EXPECT_EQ(TokenizeInput(*model_, t).status().message(), "chat.messages[0].content: empty");
   m->set_content("Hello");
   m->set_role("User");
   EXPECT_EQ(TokenizeInput(*model_, t).status().message(),
-            "chat.messages[0].role must be system, user or assistant");
+            "chat.messages[0].role: must be system, user or assistant");
 }
 
 }  // namespace
