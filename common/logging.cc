@@ -1,5 +1,6 @@
 #include "common/logging.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -136,11 +137,19 @@ void LogRequest(spdlog::level::level_enum level, std::string_view request_id,
       }
     }
   } else {
+    // Values are quoted and escaped when they hold spaces, quotes or control
+    // characters, so that no client text can forge a line.
     line = StrCat("[", request_id, "] ", message);
     for (const LogField& f : fields) {
-      StrAppend(&line, " ", f.key, "=",
-                f.quoted && f.value.find(' ') != std::string::npos ? StrCat("\"", f.value, "\"")
-                                                                   : f.value);
+      const bool plain = std::all_of(f.value.begin(), f.value.end(), [](char c) {
+        return static_cast<unsigned char>(c) > 0x20 && c != '"' && c != '\\';
+      });
+      StrAppend(&line, " ", f.key, "=");
+      if (plain && !f.value.empty()) {
+        line += f.value;
+      } else {
+        AppendJsonString(&line, f.value);
+      }
     }
   }
   logger->log(level, "{}", line);

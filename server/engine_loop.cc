@@ -74,8 +74,9 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
       options_.block_size;
   if (blocks > options_.num_blocks) {
     return absl::ResourceExhaustedError(
-        StrCat("the request needs up to ", blocks, " KV blocks under its '",
-               KvPolicyName(request.kv.kind), "' policy; the pool has ", options_.num_blocks));
+        StrCat("prompt (", prompt, " tokens) + stopping.max_new_tokens (",
+               request.stop.max_new_tokens, ") need up to ", blocks, " KV blocks under kv.policy '",
+               KvPolicyName(request.kv.kind), "'; the pool has ", options_.num_blocks));
   }
   if (options_.max_queue > 0 && in_engine_.load() >= options_.max_queue) {
     return absl::ResourceExhaustedError(
@@ -136,10 +137,12 @@ void EngineLoop::Finish(int64_t id, FinishReason finish, absl::Status error) {
     if (live.first_scheduled) stats_.queue_time.Observe(e.usage.queue_seconds);
     stats_.request_latency.Observe(Seconds(Clock::now() - live.submitted));
   }
+  // Out of the engine before the client can see the end, so that a request
+  // sent right after it is not refused as one too many.
+  --in_engine_;
   live.stream->Push(std::move(e));
   executor_.RemoveSequence(id);
   live_.erase(it);
-  --in_engine_;
 }
 
 void EngineLoop::Run() {

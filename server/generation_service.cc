@@ -93,9 +93,6 @@ grpc::Status ParseRequest(const grpc::ByteBuffer& buffer, google::protobuf::Mess
                       StrCat("the request is not a valid ", message->GetTypeName()));
 }
 
-// Client request ids go into logs and the id map; a bound keeps both sane.
-constexpr size_t kMaxRequestIdBytes = 256;
-
 grpc::Status Serialize(const google::protobuf::Message& message, grpc::ByteBuffer* out) {
   out->Clear();  // the previous write's bytes
   bool own = false;
@@ -422,27 +419,35 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* GenerationServiceImpl::Generate(
   }
   v1::GenerateRequest request;
   if (grpc::Status s = ParseRequest(*raw, &request); !s.ok()) return Reject(context, "", s);
-  std::string request_id = request.request_id();
-  if (request_id.size() > kMaxRequestIdBytes) {
-    return Reject(context, "",
-                  grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                               StrCat("request_id: longer than ", kMaxRequestIdBytes, " bytes")));
+  // The id is checked before anything logs it.
+  if (absl::Status id = CheckRequestId(request.request_id()); !id.ok()) {
+    return Reject(context, "", ToGrpcStatus(id));
   }
+  std::string request_id = request.request_id();
   auto built = BuildGenerationRequest(request, model_, defaults_);
   if (!built.ok()) return Reject(context, request_id, ToGrpcStatus(built.status()));
-  if (request_id.empty()) request_id = StrCat("req-", next_request_id_++);
+  // Claims the id (a generated one never collides with a client's) until the
+  // stream ends; released at once if the engine refuses the request.
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (ids_.contains(request_id)) {
+    if (request_id.empty()) {
+      do {
+        request_id = StrCat("req-", next_request_id_++);
+      } while (ids_.contains(request_id));
+    } else if (ids_.contains(request_id)) {
       return Reject(context, request_id,
                     grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
                                  "request_id: already in use by a request in flight"));
     }
+    ids_[request_id] = -1;  // no engine id yet
   }
   const KvPolicyKind policy = built->kv.kind;
   const size_t prompt_tokens = built->prompt.size();
   auto submitted = engine_->Submit(*std::move(built));
-  if (!submitted.ok()) return Reject(context, request_id, ToGrpcStatus(submitted.status()));
+  if (!submitted.ok()) {
+    Forget(request_id);
+    return Reject(context, request_id, ToGrpcStatus(submitted.status()));
+  }
   Register(request_id, submitted->first);
   if (log_prompts_) {
     LogRequest(spdlog::level::info, request_id, "Generate prompt",
@@ -463,7 +468,7 @@ grpc::ServerUnaryReactor* GenerationServiceImpl::Cancel(grpc::CallbackServerCont
         {
           std::lock_guard<std::mutex> lock(mu_);
           if (const auto it = ids_.find(request.request_id()); it != ids_.end()) {
-            engine_id = it->second;
+            engine_id = it->second;  // -1 while being submitted: not cancellable yet
           }
         }
         if (engine_id >= 0) {

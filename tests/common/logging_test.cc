@@ -2,6 +2,7 @@
 // request's lines carry its id and fields; plain logs tag the id.
 #include "common/logging.h"
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -50,8 +51,13 @@ TEST(LoggingTest, PlainLinesTagTheRequest) {
   ASSERT_TRUE(
       InitLogging("info", LogFormat::kPlain, std::make_shared<spdlog::sinks::ostream_sink_mt>(out))
           .ok());
-  LogRequest(spdlog::level::warn, "req-3", "Generate", {{"status", "CANCELLED"}});
-  EXPECT_NE(out.str().find("[req-3] Generate status=CANCELLED"), std::string::npos) << out.str();
+  LogRequest(spdlog::level::warn, "req-3", "Generate",
+             {{"status", "CANCELLED"}, {"error", "a\nforged line"}});
+  const std::string text = out.str();
+  EXPECT_NE(text.find("[req-3] Generate status=CANCELLED error=\"a\\nforged line\""),
+            std::string::npos)
+      << text;
+  EXPECT_EQ(std::count(text.begin(), text.end(), '\n'), 1) << text;
   spdlog::drop_all();
 }
 
