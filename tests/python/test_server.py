@@ -237,7 +237,7 @@ class CancellationTest(unittest.TestCase):
 
     def test_deadline_exceeded(self):
         before = self.cancelled()
-        stream = generate(self.server.stub, self.long_request(), timeout=0.1)
+        stream = generate(self.server.stub, self.long_request(), timeout=0.3)
         self.assertEqual(stream.code, grpc.StatusCode.DEADLINE_EXCEEDED)
         self.assert_blocks_return(before)
 
