@@ -1,5 +1,7 @@
 #include "server/engine_loop.h"
 
+#include <algorithm>
+#include <iterator>
 #include <utility>
 
 #include "common/status.h"
@@ -67,8 +69,9 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
                                         request.stop.max_new_tokens,
                                         ") exceeds the context length ", c.context_length));
   }
-  const int64_t blocks = (request.kv.MaxSlots(prompt, request.stop.max_new_tokens) +
-                          options_.block_size - 1) / options_.block_size;
+  const int64_t blocks =
+      (request.kv.MaxSlots(prompt, request.stop.max_new_tokens) + options_.block_size - 1) /
+      options_.block_size;
   if (blocks > options_.num_blocks) {
     return absl::ResourceExhaustedError(
         StrCat("the request needs up to ", blocks, " KV blocks under its '",
@@ -123,9 +126,12 @@ void EngineLoop::Finish(int64_t id, FinishReason finish, absl::Status error) {
   if (live.first_token) {
     e.usage.time_to_first_token_seconds = Seconds(*live.first_token - live.submitted);
   }
+  ended_evicted_[static_cast<int>(live.kv_policy)] += e.usage.kv.tokens_evicted;
   {
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.requests_finished[static_cast<int>(e.error.ok() ? finish : FinishReason::kNone)];
+    stats_.finished_kv_bytes_saved += e.usage.kv.bytes_saved;
+    stats_.finished_kv_bytes_full_equivalent += e.usage.kv.bytes_resident + e.usage.kv.bytes_saved;
     if (live.first_token) stats_.time_to_first_token.Observe(e.usage.time_to_first_token_seconds);
     if (live.first_scheduled) stats_.queue_time.Observe(e.usage.queue_seconds);
     stats_.request_latency.Observe(Seconds(Clock::now() - live.submitted));
@@ -174,8 +180,12 @@ void EngineLoop::Run() {
         p.stream->Push(std::move(e));
         continue;
       }
-      live_.emplace(p.id, Live{p.stream, p.submitted, std::nullopt, std::nullopt,
-                               static_cast<int64_t>(p.request.prompt.size()), 0});
+      Live live;
+      live.stream = p.stream;
+      live.submitted = p.submitted;
+      live.prompt_tokens = static_cast<int64_t>(p.request.prompt.size());
+      live.kv_policy = p.request.kv.kind;
+      live_.emplace(p.id, std::move(live));
       std::lock_guard<std::mutex> lock(mu_);
       stats_.prompt_tokens += static_cast<int64_t>(p.request.prompt.size());
     }
@@ -188,7 +198,7 @@ void EngineLoop::Run() {
     }
     const StepPlan& plan = scheduler_.Schedule();
     if (plan.sequences.empty()) {
-      PublishStats(0, 0, /*stepped=*/false);
+      PublishStats(0, 0, 0, /*stepped=*/false);
       continue;
     }
     const Clock::time_point now = Clock::now();
@@ -210,13 +220,19 @@ void EngineLoop::Run() {
     const std::vector<scheduler::TokenEvent> events = scheduler_.Update(result);
     const Clock::time_point done = Clock::now();
     int64_t new_tokens = 0;
+    std::vector<double> gaps;  // inter-token latencies of this step
     for (size_t i = 0; i < outputs.size(); ++i) {
       engine::TokenOutput& out = outputs[i];
       if (out.token < 0) continue;
       Live& live = live_.at(out.seq_id);
       ++live.completion_tokens;
       ++new_tokens;
-      if (!live.first_token) live.first_token = done;
+      if (!live.first_token) {
+        live.first_token = done;
+      } else {
+        gaps.push_back(Seconds(done - live.last_token));
+      }
+      live.last_token = done;
       StreamEvent e;
       e.token = out.token;
       e.text = std::move(out.text);
@@ -227,21 +243,31 @@ void EngineLoop::Run() {
     for (const scheduler::TokenEvent& e : events) {
       if (e.finish != FinishReason::kNone) Finish(e.seq_id, e.finish, absl::OkStatus());
     }
-    PublishStats(decoding, new_tokens, /*stepped=*/true);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (double gap : gaps) stats_.inter_token_latency.Observe(gap);
+    }
+    PublishStats(static_cast<int64_t>(plan.sequences.size()), decoding, new_tokens,
+                 /*stepped=*/true);
   }
 }
 
-void EngineLoop::PublishStats(int64_t decoding, int64_t new_tokens, bool stepped) {
+void EngineLoop::PublishStats(int64_t scheduled, int64_t decoding, int64_t new_tokens,
+                              bool stepped) {
   const scheduler::SchedulerStats s = scheduler_.Stats();
   engine::KvUsage kv;
+  int64_t evicted[kNumKvPolicies];
+  std::copy(std::begin(ended_evicted_), std::end(ended_evicted_), evicted);
   for (const auto& [id, live] : live_) {
     const engine::KvUsage u = executor_.Usage(id);
     kv.tokens_resident += u.tokens_resident;
     kv.tokens_full_equivalent += u.tokens_full_equivalent;
     kv.bytes_resident += u.bytes_resident;
     kv.bytes_saved += u.bytes_saved;
+    evicted[static_cast<int>(live.kv_policy)] += u.tokens_evicted;
   }
   std::lock_guard<std::mutex> lock(mu_);
+  std::copy(std::begin(evicted), std::end(evicted), stats_.kv_tokens_evicted);
   stats_.kv_tokens_resident = kv.tokens_resident;
   stats_.kv_tokens_full_equivalent = kv.tokens_full_equivalent;
   stats_.kv_bytes_resident = kv.bytes_resident;
@@ -249,6 +275,7 @@ void EngineLoop::PublishStats(int64_t decoding, int64_t new_tokens, bool stepped
   stats_.running = s.running;
   stats_.waiting = s.waiting;
   stats_.free_blocks = s.free_blocks;
+  stats_.used_blocks = s.used_blocks;
   stats_.peak_used_blocks = std::max(stats_.peak_used_blocks, s.used_blocks);
   stats_.peak_running = std::max(stats_.peak_running, decoding);
   stats_.preemptions = s.preemptions;
@@ -259,6 +286,7 @@ void EngineLoop::PublishStats(int64_t decoding, int64_t new_tokens, bool stepped
                          s.used_blocks, new_tokens});
   }
   ++stats_.steps;
+  stats_.batch_size.Observe(static_cast<double>(scheduled));
   if (decoding > 0) {
     ++stats_.decode_steps;
     stats_.decoding_sum += decoding;

@@ -60,28 +60,40 @@ struct GenerationRequest {
   std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
+inline constexpr int kNumKvPolicies = 5;  // KvPolicyKind values
+static_assert(static_cast<int>(KvPolicyKind::kStreaming) + 1 == kNumKvPolicies);
+
 struct EngineStats {
   int64_t running = 0;
   int64_t waiting = 0;
   int64_t free_blocks = 0;
+  int64_t used_blocks = 0;
   int64_t total_blocks = 0;
   int64_t peak_used_blocks = 0;
   int64_t peak_running = 0;
   int64_t preemptions = 0;
   int64_t steps = 0;
-  int64_t decode_steps = 0;         // steps that decoded at least one sequence
-  int64_t decoding_sum = 0;         // sequences decoding, summed over decode steps
+  int64_t decode_steps = 0;  // steps that decoded at least one sequence
+  int64_t decoding_sum = 0;  // sequences decoding, summed over decode steps
   int64_t output_tokens = 0;
-  int64_t prompt_tokens = 0;        // of requests admitted
+  int64_t prompt_tokens = 0;          // of requests admitted
   int64_t requests_finished[5] = {};  // by FinishReason (kNone: failed)
   // KV figures summed over the live requests, after the latest step.
   int64_t kv_tokens_resident = 0;
   int64_t kv_tokens_full_equivalent = 0;
   int64_t kv_bytes_resident = 0;
   int64_t kv_bytes_saved = 0;
-  LatencyHistogram time_to_first_token;
-  LatencyHistogram queue_time;
-  LatencyHistogram request_latency;
+  // Tokens evicted so far, by the policy of the request (KvPolicyKind).
+  int64_t kv_tokens_evicted[kNumKvPolicies] = {};
+  // Each ended request's final usage, summed: bytes saved and what a full
+  // cache would have held (resident + saved).
+  int64_t finished_kv_bytes_saved = 0;
+  int64_t finished_kv_bytes_full_equivalent = 0;
+  Histogram time_to_first_token;
+  Histogram inter_token_latency;
+  Histogram queue_time;
+  Histogram request_latency;
+  Histogram batch_size{Histogram::kBatchSizes};  // sequences per step
 };
 
 class EngineLoop {
@@ -118,14 +130,16 @@ class EngineLoop {
     std::shared_ptr<TokenStream> stream;
     std::chrono::steady_clock::time_point submitted;
     std::optional<std::chrono::steady_clock::time_point> first_scheduled, first_token;
+    std::chrono::steady_clock::time_point last_token;
     int64_t prompt_tokens = 0;
     int64_t completion_tokens = 0;
+    KvPolicyKind kv_policy = KvPolicyKind::kFull;
   };
 
   void Run();
   void Finish(int64_t id, FinishReason finish, absl::Status error);
   // Copies the scheduler's figures into stats_ for other threads.
-  void PublishStats(int64_t decoding, int64_t new_tokens, bool stepped);
+  void PublishStats(int64_t scheduled, int64_t decoding, int64_t new_tokens, bool stepped);
 
   const engine::Model& model_;
   EngineOptions options_;
@@ -141,6 +155,8 @@ class EngineLoop {
   bool stop_ = false;
   int64_t next_id_ = 1;
   EngineStats stats_;  // guarded by mu_; updated once per step
+  // Evictions of requests that have ended, by policy (engine thread only).
+  int64_t ended_evicted_[kNumKvPolicies] = {};
   std::vector<StepSample> timeline_;  // guarded by mu_
   std::chrono::steady_clock::time_point started_;
 

@@ -7,16 +7,19 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "engine/model/model.h"
 #include "grpcpp/grpcpp.h"
 #include "server/engine_loop.h"
+#include "server/metrics.h"
 #include "server/request_builder.h"
 
 namespace morphserve::server {
 
 // absl and gRPC share their status codes.
 grpc::Status ToGrpcStatus(const absl::Status& status);
+std::string StatusCodeName(grpc::StatusCode code);  // e.g. INVALID_ARGUMENT
 
 class GenerationServiceImpl;
 
@@ -34,6 +37,10 @@ class GenerationService {
   void StartDraining();
   // Generate streams not yet finished.
   int64_t active_streams() const;
+  // Generate calls refused before they started, by status code.
+  Rejections rejections() const;
+  // Logs each request's prompt and reply text (off by default).
+  void set_log_prompts(bool on);
 
  private:
   std::unique_ptr<GenerationServiceImpl> impl_;

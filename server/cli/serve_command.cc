@@ -3,8 +3,8 @@
 // and reflection. SIGTERM / SIGINT drain it: health turns NOT_SERVING, new
 // Generate calls get UNAVAILABLE, streams in flight finish (up to
 // --drain-timeout), and the process exits 0.
-#include <csignal>
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -16,6 +16,8 @@
 #include "common/status.h"
 #include "common/strings.h"
 #include "engine/model/model.h"
+#include "google/protobuf/stubs/logging.h"
+#include "grpc/support/log.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -26,6 +28,7 @@
 #include "server/engine_loop.h"
 #include "server/generation_service.h"
 #include "server/metrics.h"
+#include "server/version.h"
 #include "spdlog/spdlog.h"
 
 namespace morphserve::cli {
@@ -36,6 +39,23 @@ using Clock = std::chrono::steady_clock;
 std::atomic<bool> g_stop{false};
 
 extern "C" void OnStopSignal(int) { g_stop.store(true); }
+
+// gRPC's and protobuf's own messages go through our logger, so that a JSON
+// log stays one object per line.
+void LogFromGrpc(gpr_log_func_args* args) {
+  spdlog::level::level_enum level = spdlog::level::debug;
+  if (args->severity == GPR_LOG_SEVERITY_ERROR) level = spdlog::level::err;
+  if (args->severity == GPR_LOG_SEVERITY_INFO) level = spdlog::level::info;
+  spdlog::log(level, "grpc: {} ({}:{})", args->message, args->file, args->line);
+}
+
+void LogFromProtobuf(google::protobuf::LogLevel level, const char* file, int line,
+                     const std::string& message) {
+  // Parse errors are answered to the client; they are not the server's.
+  spdlog::log(
+      level >= google::protobuf::LOGLEVEL_FATAL ? spdlog::level::critical : spdlog::level::debug,
+      "protobuf: {} ({}:{})", message, file, line);
+}
 
 struct ServeOptions {
   std::string model;
@@ -54,7 +74,10 @@ struct ServeOptions {
   std::string tls_cert;
   std::string tls_key;
   std::string tls_client_ca;
+  int64_t max_message_bytes = 4 << 20;
   std::string log_level = "info";
+  std::string log_format = "plain";
+  bool log_prompts = false;
 };
 
 absl::StatusOr<std::string> ReadFile(const std::string& path, std::string_view flag) {
@@ -104,10 +127,17 @@ absl::Status WarmUp(server::EngineLoop& engine) {
 }
 
 absl::Status Run(const ServeOptions& o) {
+  ASSIGN_OR_RETURN(const LogFormat log_format, ParseLogFormat(o.log_format));
+  RETURN_IF_ERROR(InitLogging(o.log_level, log_format));
+  gpr_set_log_function(LogFromGrpc);
+  google::protobuf::SetLogHandler(LogFromProtobuf);
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.port < 0 || o.port > 65535) return absl::InvalidArgumentError("--port must be 0..65535");
   if (o.max_queue < 0 || o.drain_timeout < 0) {
     return absl::InvalidArgumentError("--max-queue and --drain-timeout must be at least 0");
+  }
+  if (o.max_message_bytes < 1024 || o.max_message_bytes > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError("--max-message-bytes must be 1024..1073741824");
   }
   engine::ModelLoadOptions load;
   load.path = o.model;
@@ -132,13 +162,14 @@ absl::Status Run(const ServeOptions& o) {
     }
   }
   ASSIGN_OR_RETURN(defaults.kv, KvPolicyFromFlags(o.kv, cfg.context_length));
-  defaults.max_new_tokens_limit = o.max_new_tokens_limit > 0 ? o.max_new_tokens_limit
-                                                             : cfg.context_length;
+  defaults.max_new_tokens_limit =
+      o.max_new_tokens_limit > 0 ? o.max_new_tokens_limit : cfg.context_length;
   defaults.max_new_tokens = std::min(o.max_new_tokens, defaults.max_new_tokens_limit);
   ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine, cfg));
   engine_options.max_queue = o.max_queue;
   server::EngineLoop engine(*model, engine_options);
   server::GenerationService service(*model, &engine, defaults);
+  service.set_log_prompts(o.log_prompts);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -147,24 +178,33 @@ absl::Status Run(const ServeOptions& o) {
   ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials, Credentials(o));
   builder.AddListeningPort(StrCat(o.host, ":", o.port), credentials, &port);
   builder.RegisterService(service.grpc_service());
+  builder.SetMaxReceiveMessageSize(static_cast<int>(o.max_message_bytes));
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(StrCat("cannot listen on ", o.host, ":", o.port));
   }
+  const server::ServerInfo info{kVersion,         kGitCommit, "cpu",
+                                cfg.architecture, o.model,    cfg.context_length};
+  std::atomic<bool> ready{false};  // what health and /readyz report
   std::unique_ptr<server::MetricsHttpServer> metrics;
   if (o.metrics_port >= 0) {
+    server::MetricsHttpServer::Handlers handlers;
+    handlers.render = [&] {
+      return server::RenderMetrics(info, engine.Stats(), service.rejections());
+    };
+    handlers.ready = [&ready] { return ready.load(); };
     ASSIGN_OR_RETURN(metrics, server::MetricsHttpServer::Start(
-                                  o.host, static_cast<int>(o.metrics_port),
-                                  [&engine] { return server::RenderMetrics(engine.Stats()); }));
+                                  o.host, static_cast<int>(o.metrics_port), std::move(handlers)));
   }
   grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
   health->SetServingStatus(false);
   RETURN_IF_ERROR(WarmUp(engine));
   health->SetServingStatus(true);
-  std::printf("morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens), metrics on %d\n",
-              o.model.c_str(), o.host.c_str(), port,
-              static_cast<long long>(engine_options.num_blocks),
-              static_cast<long long>(engine_options.block_size), metrics != nullptr ? metrics->port() : -1);
+  ready = true;
+  std::printf(
+      "morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens), metrics on %d\n",
+      o.model.c_str(), o.host.c_str(), port, static_cast<long long>(engine_options.num_blocks),
+      static_cast<long long>(engine_options.block_size), metrics != nullptr ? metrics->port() : -1);
   std::fflush(stdout);
 
   std::signal(SIGTERM, OnStopSignal);
@@ -172,6 +212,7 @@ absl::Status Run(const ServeOptions& o) {
   while (!g_stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
 
   spdlog::info("draining: {} streams in flight", service.active_streams());
+  ready = false;
   health->SetServingStatus(false);
   service.StartDraining();
   const Clock::time_point deadline = Clock::now() + std::chrono::seconds(o.drain_timeout);
@@ -195,8 +236,7 @@ int ServeCommand(int argc, char** argv, int first) {
   p.AddInt("num-layers", &o.num_layers, "dummy weights only: keep this many layers (0: all)");
   p.AddString("host", &o.host, "address to listen on");
   p.AddInt("port", &o.port, "gRPC port (0: any free port)");
-  p.AddInt("metrics-port", &o.metrics_port,
-           "Prometheus /metrics port (0: any free port, -1: off)");
+  p.AddInt("metrics-port", &o.metrics_port, "Prometheus /metrics port (0: any free port, -1: off)");
   AddEngineFlags(p, &o.engine);
   AddKvFlags(p, &o.kv);
   p.AddInt("max-new-tokens", &o.max_new_tokens, "default max_new_tokens of a request");
@@ -212,8 +252,14 @@ int ServeCommand(int argc, char** argv, int first) {
   p.AddString("tls-key", &o.tls_key, "PEM private key of --tls-cert");
   p.AddString("tls-client-ca", &o.tls_client_ca,
               "PEM CA bundle: require client certificates it signed (mutual TLS)");
+  p.AddInt("max-message-bytes", &o.max_message_bytes,
+           "largest request accepted; beyond, RESOURCE_EXHAUSTED");
   p.AddString("log-level", &o.log_level, "trace, debug, info, warn, error or off");
-  return RunCommand("serve", p, argc, argv, first, [&] { return Run(o); }, &o.log_level);
+  p.AddString("log-format", &o.log_format, "plain or json (one object per line)");
+  p.AddFlag("log-prompts", &o.log_prompts,
+            "log each request's prompt and reply text (off: only sizes and timings)");
+  return RunCommand(
+      "serve", p, argc, argv, first, [&] { return Run(o); }, &o.log_level);
 }
 
 }  // namespace morphserve::cli
