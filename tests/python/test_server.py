@@ -307,6 +307,9 @@ class BadRequestsTest(unittest.TestCase):
             self.assertIsNotNone(after, "the two good requests were not counted")
             self.assertEqual(delta(after, before, "morphserve_requests_rejected_total",
                                    reason="invalid_argument"), len(cases))
+            # gRPC refuses the oversized message before the service sees it.
+            self.assertEqual(delta(after, before, "morphserve_requests_rejected_total",
+                                   reason="resource_exhausted"), 0)
             self.assertIsNone(server.process.poll())
 
 
@@ -386,7 +389,9 @@ class MetricsTest(unittest.TestCase):
             self.assertAlmostEqual(live.get("morphserve_kv_savings_ratio"),
                                    saved / (saved + resident))
             self.assertEqual(live.get("morphserve_requests_running"), 1)
-            self.assertGreater(live.get("morphserve_kv_blocks_used"), 0)
+            used = live.get("morphserve_kv_blocks_used")
+            self.assertGreater(used, 0)
+            self.assertAlmostEqual(live.get("morphserve_kv_usage_ratio"), used / 64)
             self.assertTrue(server.stub.Cancel(pb.CancelRequest(request_id="long"),
                                                timeout=10).found)
             long_stream.read(call)
