@@ -1,5 +1,5 @@
-// morphserve: serve Llama-family models; subcommands for generation,
-// tokenization and model inspection.
+// morphserve: serve Llama-family models; subcommands for generation, a chat
+// client of the server, tokenization and model inspection.
 #include <cstdio>
 #include <string_view>
 
@@ -15,6 +15,7 @@ constexpr std::string_view kUsage = R"(usage: morphserve <command> [options]
 commands:
   serve      serve the model over gRPC
   generate   generate text from a prompt or a chat message
+  chat       chat with a running server, replies streamed as they are generated
   batch      run many prompts through the scheduler and report throughput
   eval       measure each KV policy's fidelity to the full cache
   tokenize   print the token ids of text
@@ -44,6 +45,7 @@ int main(int argc, char** argv) {
   }
   if (command == "serve") return morphserve::cli::ServeCommand(argc, argv, 2);
   if (command == "generate") return morphserve::cli::GenerateCommand(argc, argv, 2);
+  if (command == "chat") return morphserve::cli::ChatCommand(argc, argv, 2);
   if (command == "batch") return morphserve::cli::BatchCommand(argc, argv, 2);
   if (command == "eval") return morphserve::cli::EvalCommand(argc, argv, 2);
   if (command == "tokenize") return morphserve::cli::TokenizeCommand(argc, argv, 2);

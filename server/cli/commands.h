@@ -13,6 +13,7 @@
 namespace morphserve::cli {
 
 int BatchCommand(int argc, char** argv, int first);
+int ChatCommand(int argc, char** argv, int first);
 int EvalCommand(int argc, char** argv, int first);
 int GenerateCommand(int argc, char** argv, int first);
 int TokenizeCommand(int argc, char** argv, int first);

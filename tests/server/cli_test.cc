@@ -59,7 +59,7 @@ TEST(CliTest, VersionNamesCommitAndBackends) {
 }
 
 TEST(CliTest, EverySubcommandHasHelp) {
-  for (const char* cmd : {"serve", "generate", "batch", "eval", "tokenize", "info"}) {
+  for (const char* cmd : {"serve", "chat", "generate", "batch", "eval", "tokenize", "info"}) {
     const Result r = RunCli(std::string(cmd) + " --help");
     EXPECT_EQ(r.exit_code, 0) << cmd;
     EXPECT_THAT(r.out, HasSubstr("usage: morphserve " + std::string(cmd))) << cmd;
