@@ -183,7 +183,7 @@ absl::Status Run(const ServeOptions& o) {
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(StrCat("cannot listen on ", o.host, ":", o.port));
   }
-  const server::ServerInfo info{kVersion,         kGitCommit, "cpu",
+  const server::ServerInfo info{kVersion,         kGitCommit, engine_options.device,
                                 cfg.architecture, o.model,    cfg.context_length};
   std::atomic<bool> ready{false};  // what health and /readyz report
   std::unique_ptr<server::MetricsHttpServer> metrics;
