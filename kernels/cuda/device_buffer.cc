@@ -46,7 +46,10 @@ absl::Status DeviceBuffer::CopyFromHost(const void* src, size_t bytes) {
         absl::StrCat("copy of ", bytes, " bytes into a device buffer of ", size_));
   }
   if (bytes == 0) return absl::OkStatus();
-  return CudaStatus(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy to device");
+  RETURN_IF_CUDA_ERROR(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice));
+  // From pageable memory cudaMemcpy may return before the device has the
+  // data, and a non-blocking stream would not wait for it.
+  return CudaStatus(cudaDeviceSynchronize(), "cudaDeviceSynchronize after cudaMemcpy");
 }
 
 absl::Status DeviceBuffer::CopyToHost(void* dst, size_t bytes) const {
@@ -55,7 +58,10 @@ absl::Status DeviceBuffer::CopyToHost(void* dst, size_t bytes) const {
         absl::StrCat("copy of ", bytes, " bytes out of a device buffer of ", size_));
   }
   if (bytes == 0) return absl::OkStatus();
-  return CudaStatus(cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+  // Kernels on a non-blocking stream are not ordered with cudaMemcpy.
+  RETURN_IF_CUDA_ERROR(cudaDeviceSynchronize());
+  return CudaStatus(cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost),
+                    "cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost)");
 }
 
 absl::Status DeviceBuffer::Fill(uint8_t value) {

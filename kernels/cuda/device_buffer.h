@@ -37,7 +37,8 @@ class DeviceBuffer {
   }
 
   // Copies `bytes` (at most size()) between the host and the buffer's start;
-  // both wait for the device.
+  // both wait for the whole device, so they are ordered with kernels on any
+  // stream.
   absl::Status CopyFromHost(const void* src, size_t bytes);
   absl::Status CopyToHost(void* dst, size_t bytes) const;
   // Sets every byte to `value` (0xff poisons f32 and bf16 with NaN).

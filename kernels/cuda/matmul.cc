@@ -12,6 +12,10 @@ absl::StatusOr<Cublas> Cublas::Create(size_t workspace_bytes) {
   Cublas cublas;
   ASSIGN_OR_RETURN(cublas.workspace_, DeviceBuffer::Allocate(workspace_bytes));
   RETURN_IF_CUBLAS_ERROR(cublasCreate(&cublas.handle_));
+  // Split-K partial sums stay f32 even when the output is bf16.
+  RETURN_IF_CUBLAS_ERROR(cublasSetMathMode(
+      cublas.handle_, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)));
   RETURN_IF_CUBLAS_ERROR(
       cublasSetWorkspace(cublas.handle_, cublas.workspace_.data(), cublas.workspace_.size()));
   return cublas;
