@@ -40,8 +40,10 @@ struct Params {
   int64_t q_stride;
   __nv_bfloat16* out;
   // Split path only (null when every context fits one partition), indexed
-  // [(seq * num_heads + head) * max_partitions + partition].
-  float* partial_out;  // that partition's normalised output, times head_dim
+  // [(seq * num_heads + head) * max_partitions + partition]: each
+  // partition's output (normalised by its own exp sum; head_dim values per
+  // index), its largest logit and its sum of exp(logit - that maximum).
+  float* partial_out;
   float* max_logits;
   float* exp_sums;
 };
