@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -29,6 +30,7 @@
 namespace morphserve::server {
 
 struct EngineOptions {
+  std::string device = "cpu";  // what the forward pass runs on
   int64_t num_blocks = 0;
   int64_t block_size = 16;
   int64_t max_num_seqs = 256;

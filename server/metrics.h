@@ -26,7 +26,8 @@ class Histogram {
                                                       0.5,   1.0,  2.5,   5.0,  10.0, 30.0};
   static constexpr std::array<double, 10> kBatchSizes = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512};
 
-  explicit Histogram(std::span<const double> bounds = kSeconds)
+  Histogram() : Histogram(kSeconds) {}
+  explicit Histogram(std::span<const double> bounds)
       : bounds_(bounds), counts_(bounds.size() + 1) {}
 
   void Observe(double value);

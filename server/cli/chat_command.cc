@@ -62,12 +62,6 @@ constexpr std::string_view kCommands =
     "/help   show this\n"
     "Ctrl-C while a reply streams stops that reply.\n";
 
-absl::StatusOr<std::string> ReadFile(const std::string& path, std::string_view flag) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(StrCat("--", flag, ": cannot read ", path));
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 // Plain TCP, TLS (--tls or --tls-ca) or mutual TLS (plus --tls-cert, --tls-key).
 absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const ChatOptions& o) {
   if (o.tls_cert.empty() != o.tls_key.empty()) {
@@ -76,11 +70,11 @@ absl::StatusOr<std::shared_ptr<grpc::ChannelCredentials>> Credentials(const Chat
   if (!o.tls && o.tls_ca.empty() && o.tls_cert.empty()) return grpc::InsecureChannelCredentials();
   grpc::SslCredentialsOptions options;  // no CA bundle: the system's root certificates
   if (!o.tls_ca.empty()) {
-    ASSIGN_OR_RETURN(options.pem_root_certs, ReadFile(o.tls_ca, "tls-ca"));
+    ASSIGN_OR_RETURN(options.pem_root_certs, ReadFlagFile(o.tls_ca, "tls-ca"));
   }
   if (!o.tls_cert.empty()) {
-    ASSIGN_OR_RETURN(options.pem_cert_chain, ReadFile(o.tls_cert, "tls-cert"));
-    ASSIGN_OR_RETURN(options.pem_private_key, ReadFile(o.tls_key, "tls-key"));
+    ASSIGN_OR_RETURN(options.pem_cert_chain, ReadFlagFile(o.tls_cert, "tls-cert"));
+    ASSIGN_OR_RETURN(options.pem_private_key, ReadFlagFile(o.tls_key, "tls-key"));
   }
   return grpc::SslCredentials(options);
 }

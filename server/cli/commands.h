@@ -24,9 +24,11 @@ int ServeCommand(int argc, char** argv, int first);
 // error exits 2), prints the help when asked, sets up logging at
 // `*log_level` when given (exit 2 on a bad level), then calls `run` (an error
 // exits 1). Errors are printed as "morphserve <name>: <message>".
+// The whole file at `path`, given with `--flag`; the error names the flag.
+absl::StatusOr<std::string> ReadFlagFile(const std::string& path, std::string_view flag);
+
 int RunCommand(std::string_view name, ArgParser& parser, int argc, char** argv, int first,
-               const std::function<absl::Status()>& run,
-               const std::string* log_level = nullptr);
+               const std::function<absl::Status()>& run, const std::string* log_level = nullptr);
 
 }  // namespace morphserve::cli
 

@@ -1,11 +1,13 @@
 #include "server/cli/engine_flags.h"
 
 #include "common/status.h"
+#include "engine/backend/backend_registry.h"
 #include "server/cli/kv_options.h"
 
 namespace morphserve::cli {
 
 void AddEngineFlags(ArgParser& p, EngineFlags* f) {
+  p.AddString("device", &f->device, "auto, cpu or cuda");
   p.AddInt("max-num-seqs", &f->max_num_seqs, "most sequences in one step");
   p.AddInt("max-num-batched-tokens", &f->max_num_batched_tokens,
            "most tokens in one step (prompts are prefilled in chunks)");
@@ -23,6 +25,7 @@ absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& 
         "--threads at least 0");
   }
   server::EngineOptions o;
+  ASSIGN_OR_RETURN(o.device, engine::ResolveDevice(f.device));
   o.block_size = f.block_size;
   o.max_num_seqs = f.max_num_seqs;
   o.max_num_batched_tokens = f.max_num_batched_tokens;

@@ -1,5 +1,5 @@
-// The engine and scheduler flags shared by `serve` and `batch`: KV pool
-// size, block size, step limits, threads.
+// The engine and scheduler flags shared by `serve` and `batch`: device, KV
+// pool size, block size, step limits, threads.
 #ifndef MORPHSERVE_SERVER_CLI_ENGINE_FLAGS_H_
 #define MORPHSERVE_SERVER_CLI_ENGINE_FLAGS_H_
 
@@ -14,6 +14,7 @@
 namespace morphserve::cli {
 
 struct EngineFlags {
+  std::string device = "auto";
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
   int64_t block_size = 16;

@@ -1,6 +1,10 @@
 #include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <string>
 
 #include "common/logging.h"
+#include "common/strings.h"
 #include "server/cli/commands.h"
 
 namespace morphserve::cli {
@@ -12,6 +16,12 @@ void PrintError(std::string_view name, const absl::Status& s) {
 }
 
 }  // namespace
+
+absl::StatusOr<std::string> ReadFlagFile(const std::string& path, std::string_view flag) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(StrCat("--", flag, ": cannot read ", path));
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
 
 int RunCommand(std::string_view name, ArgParser& parser, int argc, char** argv, int first,
                const std::function<absl::Status()>& run, const std::string* log_level) {

@@ -80,12 +80,6 @@ struct ServeOptions {
   bool log_prompts = false;
 };
 
-absl::StatusOr<std::string> ReadFile(const std::string& path, std::string_view flag) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(StrCat("--", flag, ": cannot read ", path));
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
 // Plain TCP, TLS (--tls-cert, --tls-key) or mutual TLS (plus --tls-client-ca).
 absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const ServeOptions& o) {
   if (o.tls_cert.empty() != o.tls_key.empty()) {
@@ -101,11 +95,11 @@ absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const Serve
       o.tls_client_ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                               : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
   grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
-  ASSIGN_OR_RETURN(pair.private_key, ReadFile(o.tls_key, "tls-key"));
-  ASSIGN_OR_RETURN(pair.cert_chain, ReadFile(o.tls_cert, "tls-cert"));
+  ASSIGN_OR_RETURN(pair.private_key, ReadFlagFile(o.tls_key, "tls-key"));
+  ASSIGN_OR_RETURN(pair.cert_chain, ReadFlagFile(o.tls_cert, "tls-cert"));
   options.pem_key_cert_pairs.push_back(std::move(pair));
   if (!o.tls_client_ca.empty()) {
-    ASSIGN_OR_RETURN(options.pem_root_certs, ReadFile(o.tls_client_ca, "tls-client-ca"));
+    ASSIGN_OR_RETURN(options.pem_root_certs, ReadFlagFile(o.tls_client_ca, "tls-client-ca"));
   }
   return grpc::SslServerCredentials(options);
 }
@@ -183,7 +177,7 @@ absl::Status Run(const ServeOptions& o) {
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(StrCat("cannot listen on ", o.host, ":", o.port));
   }
-  const server::ServerInfo info{kVersion,         kGitCommit, "cpu",
+  const server::ServerInfo info{kVersion,         kGitCommit, engine_options.device,
                                 cfg.architecture, o.model,    cfg.context_length};
   std::atomic<bool> ready{false};  // what health and /readyz report
   std::unique_ptr<server::MetricsHttpServer> metrics;

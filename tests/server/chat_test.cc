@@ -208,19 +208,7 @@ TEST(ChatTest, ApiKeysFromTheFlagOrTheEnvironment) {
 
 TEST(ChatTest, MutualTls) {
   const std::string dir = TestDir();
-  const std::string make =
-      "cd " + dir +
-      " && "
-      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
-      "-subj /CN=test-ca && "
-      "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost"
-      " && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext && "
-      "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
-      "-days 2 -extfile san.ext && "
-      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && "
-      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
-      "-days 2";
-  if (std::system(("(" + make + ") >/dev/null 2>&1").c_str()) != 0) {
+  if (!testing::MakeCertificates(dir)) {
     GTEST_SKIP() << "the openssl tool is needed to make certificates";
   }
   ServerProcess server = TinyServer({"--tls-cert", dir + "/server.pem", "--tls-key",

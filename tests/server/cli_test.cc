@@ -102,7 +102,7 @@ TEST(CliTest, GenerateJsonReproducesTheGoldenGreedyTokens) {
   const auto& c = golden["cases"][0];
   const std::string prompt = c["prompt"];
   const Result r = RunCli("generate --json --ignore-eos --max-tokens 8 --temperature 0 --model " +
-                       kTinyModel + " --prompt '" + prompt + "'");
+                          kTinyModel + " --prompt '" + prompt + "'");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   const nlohmann::json out = nlohmann::json::parse(r.out);
   EXPECT_EQ(out["finish_reason"], "length");
@@ -113,9 +113,10 @@ TEST(CliTest, GenerateJsonReproducesTheGoldenGreedyTokens) {
 }
 
 TEST(CliTest, SeededSamplingIsReproducibleAndLogprobsAreReported) {
-  const std::string args = "generate --json --ignore-eos --max-tokens 12 --temperature 1.0 "
-                           "--top-k 50 --seed 5 --logprobs 3 --model " + kTinyModel +
-                           " --prompt 'Hello there'";
+  const std::string args =
+      "generate --json --ignore-eos --max-tokens 12 --temperature 1.0 "
+      "--top-k 50 --seed 5 --logprobs 3 --model " +
+      kTinyModel + " --prompt 'Hello there'";
   const Result a = RunCli(args);
   const Result b = RunCli(args);
   ASSERT_EQ(a.exit_code, 0);
@@ -132,15 +133,16 @@ TEST(CliTest, SeededSamplingIsReproducibleAndLogprobsAreReported) {
 }
 
 TEST(CliTest, StopStringEndsGenerationWithoutItsText) {
-  const Result full = RunCli("generate --json --ignore-eos --max-tokens 24 --temperature 0 --model " +
-                          kTinyModel + " --prompt 'The quick brown fox'");
+  const Result full =
+      RunCli("generate --json --ignore-eos --max-tokens 24 --temperature 0 --model " + kTinyModel +
+             " --prompt 'The quick brown fox'");
   ASSERT_EQ(full.exit_code, 0);
   const std::string text = nlohmann::json::parse(full.out)["text"];
   ASSERT_GE(text.size(), 8u);
   // Stop on a piece of the greedy text: the output must end right before it.
   const std::string stop = text.substr(text.size() / 2, 3);
   const Result r = RunCli("generate --json --ignore-eos --max-tokens 24 --temperature 0 --model " +
-                       kTinyModel + " --prompt 'The quick brown fox' --stop '" + stop + "'");
+                          kTinyModel + " --prompt 'The quick brown fox' --stop '" + stop + "'");
   ASSERT_EQ(r.exit_code, 0);
   const nlohmann::json out = nlohmann::json::parse(r.out);
   EXPECT_EQ(out["finish_reason"], "stop");
@@ -170,12 +172,12 @@ TEST(CliTest, DefaultModelAnswersTheCapitalOfFrance) {
 
 // The default model's path, or skips (fails under MORPHSERVE_REQUIRE_MODELS=1)
 // when it has not been fetched.
-#define REQUIRE_DEFAULT_MODEL(model)                                                    \
-  const std::string model = DefaultModelPath();                                         \
-  if (!std::filesystem::exists(model)) {                                                \
-    const char* require = std::getenv("MORPHSERVE_REQUIRE_MODELS");                     \
+#define REQUIRE_DEFAULT_MODEL(model)                                                      \
+  const std::string model = DefaultModelPath();                                           \
+  if (!std::filesystem::exists(model)) {                                                  \
+    const char* require = std::getenv("MORPHSERVE_REQUIRE_MODELS");                       \
     if (require != nullptr && std::string(require) == "1") FAIL() << "missing " << model; \
-    GTEST_SKIP() << "no " << model << "; run scripts/fetch_model.sh";                   \
+    GTEST_SKIP() << "no " << model << "; run scripts/fetch_model.sh";                     \
   }
 
 TEST(CliTest, KvPolicyBoundsTheCacheAndReportsUsage) {
@@ -215,6 +217,24 @@ TEST(CliTest, KvPolicyBoundsTheCacheAndReportsUsage) {
   }
 }
 
+// --device picks the backend; one this build cannot run is an error naming
+// the flag, before anything is served.
+TEST(CliTest, DeviceFlagSelectsABackendOrSaysWhyNot) {
+  const std::string prompts = ::testing::TempDir() + "/device_prompts.txt";
+  std::ofstream(prompts) << "hello\n";
+  const std::string base =
+      "batch --max-tokens 1 --model " + kTinyModel + " --prompts " + prompts + " ";
+  for (const char* device : {"tpu", "cuda"}) {
+    const Result r = RunCli(base + "--device " + device, true);
+    EXPECT_EQ(r.exit_code, 1) << device;
+    EXPECT_THAT(r.out, HasSubstr("--device")) << device;
+  }
+  const Result serve =
+      RunCli("serve --port 0 --metrics-port -1 --device tpu --model " + kTinyModel, true);
+  EXPECT_EQ(serve.exit_code, 1);
+  EXPECT_THAT(serve.out, HasSubstr("--device"));
+}
+
 TEST(CliTest, BadKvParametersNameTheParameter) {
   const std::string base = "generate --max-tokens 2 --model " + kTinyModel + " --prompt hi ";
   const std::pair<std::string, std::string> cases[] = {
@@ -241,13 +261,15 @@ TEST(CliTest, EvalWritesResultsThatMatchFreeRunning) {
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir);
   const std::string prompts = dir + "/prompts.jsonl";
-  std::ofstream(prompts) << R"({"id": "bread", "prompt": "Explain step by step how to bake bread."})"
-                         << "\n"
-                         << "Write a letter to a friend about your summer.\n";
-  const Result r = RunCli("eval --threads 2 --model " + model + " --prompts " + prompts +
-                              " --out " + dir + "/out --reference-tokens 64 --capacities 16,40 "
-                              "--windows 4 --policies morphkv,h2o,snapkv,streaming",
-                          true);
+  std::ofstream(prompts)
+      << R"({"id": "bread", "prompt": "Explain step by step how to bake bread."})"
+      << "\n"
+      << "Write a letter to a friend about your summer.\n";
+  const Result r =
+      RunCli("eval --threads 2 --model " + model + " --prompts " + prompts + " --out " + dir +
+                 "/out --reference-tokens 64 --capacities 16,40 "
+                 "--windows 4 --policies morphkv,h2o,snapkv,streaming",
+             true);
   ASSERT_EQ(r.exit_code, 0) << r.out;
   EXPECT_THAT(r.out, HasSubstr("prompt 2/2 done"));
   const std::string csv = ReadFile(dir + "/out/fidelity.csv");
@@ -272,9 +294,10 @@ TEST(CliTest, EvalWritesResultsThatMatchFreeRunning) {
     }
   }
   ASSERT_GE(divergence, 0);
-  const Result gen = RunCli("generate --json --ignore-eos --max-tokens 64 --threads 2 --model " +
-                            model + " --chat 'Explain step by step how to bake bread.' "
-                            "--kv-policy morphkv --kv-window 4 --kv-capacity 16");
+  const Result gen =
+      RunCli("generate --json --ignore-eos --max-tokens 64 --threads 2 --model " + model +
+             " --chat 'Explain step by step how to bake bread.' "
+             "--kv-policy morphkv --kv-window 4 --kv-capacity 16");
   ASSERT_EQ(gen.exit_code, 0) << gen.out;
   const std::vector<int32_t> tokens =
       nlohmann::json::parse(gen.out)["tokens"].get<std::vector<int32_t>>();
@@ -295,7 +318,8 @@ TEST(CliTest, BatchRunsEveryPromptAndPrintsASummary) {
   const std::string out = ::testing::TempDir() + "/batch_out.jsonl";
   const Result r = RunCli("batch --threads 2 --model " + kTinyModel + " --prompts " + prompts +
                           " --concurrency 3 --max-tokens 8 --ignore-eos --kv-cache-blocks 64 "
-                          "--block-size 8 --output " + out + " --json");
+                          "--block-size 8 --output " +
+                          out + " --json");
   ASSERT_EQ(r.exit_code, 0) << r.out;
   const nlohmann::json summary = nlohmann::json::parse(r.out);
   EXPECT_EQ(summary["requests"], 5);
@@ -318,8 +342,8 @@ TEST(CliTest, BatchRunsEveryPromptAndPrintsASummary) {
   }
   EXPECT_EQ(n, 5);
   // A request that could never fit the pool fails alone; the rest still run.
-  const Result small = RunCli("batch --threads 1 --model " + kTinyModel + " --prompts " +
-                              prompts + " --max-tokens 200 --kv-cache-blocks 4 --json");
+  const Result small = RunCli("batch --threads 1 --model " + kTinyModel + " --prompts " + prompts +
+                              " --max-tokens 200 --kv-cache-blocks 4 --json");
   ASSERT_EQ(small.exit_code, 0) << small.out;
   EXPECT_EQ(nlohmann::json::parse(small.out)["failed"], 5);
   EXPECT_EQ(RunCli("batch --model " + kTinyModel + " --prompts " + prompts + " --concurrency 0")

@@ -30,10 +30,12 @@ namespace {
 
 using testing::Connect;
 using testing::Generate;
+using testing::GenericUnary;
 using testing::HealthStatus;
 using testing::HttpGet;
 using testing::kBinary;
 using testing::kTinyModel;
+using testing::MakeCertificates;
 using testing::RunCli;
 using testing::ServerProcess;
 using testing::Streamed;
@@ -47,30 +49,6 @@ std::string SerializeWithInvalidUtf8(const v1::GenerateRequest& request) {
   std::string bytes = request.SerializeAsString();
   bytes.replace(bytes.find(kPlaceholder), kPlaceholder.size(), kPlaceholder.size(), '\xFF');
   return bytes;
-}
-
-// Generate with a serialized request, through the generic stub, as a unary
-// call: only for requests that are refused before any token streams.
-grpc::Status GenerateBytes(grpc::GenericStub& stub, const std::string& bytes) {
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  grpc::Slice slice(bytes);
-  const grpc::ByteBuffer request(&slice, 1);
-  grpc::ByteBuffer response;
-  std::mutex mu;
-  std::condition_variable cv;
-  bool done = false;
-  grpc::Status status;
-  stub.UnaryCall(&context, "/morphserve.v1.Generation/Generate", grpc::StubOptions(), &request,
-                 &response, [&](grpc::Status s) {
-                   std::lock_guard<std::mutex> lock(mu);
-                   status = std::move(s);
-                   done = true;
-                   cv.notify_all();
-                 });
-  std::unique_lock<std::mutex> lock(mu);
-  cv.wait(lock, [&] { return done; });
-  return status;
 }
 
 // Waits (briefly: figures are published once per step) until nothing runs
@@ -282,10 +260,9 @@ TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
   v1::GenerateResponse response;
   ASSERT_TRUE(long_reader->Read(&response));
 
-  grpc::GenericStub generic(grpc::CreateChannel("127.0.0.1:" + std::to_string(server.port()),
-                                                grpc::InsecureChannelCredentials()));
   for (const Bad& b : bad) {
-    const grpc::Status s = GenerateBytes(generic, b.bytes);
+    const grpc::Status s =
+        GenericUnary(server.port(), "/morphserve.v1.Generation/Generate", b.bytes, nullptr);
     EXPECT_EQ(s.error_code(), b.code) << b.what << ": " << s.error_message();
     EXPECT_NE(s.error_message().find(b.field), std::string::npos)
         << b.what << ": " << s.error_message();
@@ -387,11 +364,10 @@ TEST(ServeTest, ApiKeysGuardEveryCallButHealth) {
   EXPECT_EQ(server.Terminate(), 0);
 }
 
-
 TEST(ServeTest, PrometheusMetricsCountTokensAndRequests) {
   ServerProcess server({"--model", kTinyModel, "--port", "0", "--metrics-port", "0", "--host",
-                        "127.0.0.1", "--threads", "1", "--kv-cache-blocks", "64",
-                        "--log-level", "warn"});
+                        "127.0.0.1", "--threads", "1", "--kv-cache-blocks", "64", "--log-level",
+                        "warn"});
   ASSERT_GT(server.port(), 0);
   ASSERT_GT(server.metrics_port(), 0);
   auto stub = Connect(server.port());
@@ -406,21 +382,19 @@ TEST(ServeTest, PrometheusMetricsCountTokensAndRequests) {
   std::string page;
   for (int i = 0; i < 250; ++i) {  // figures are published once per step
     page = HttpGet(server.metrics_port(), "/metrics");
-    if (page.find("morphserve_requests_finished_total{reason=\"length\"} 2") !=
-            std::string::npos &&
+    if (page.find("morphserve_requests_finished_total{reason=\"length\"} 2") != std::string::npos &&
         page.find("morphserve_generation_tokens_total 9") != std::string::npos) {
       break;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   EXPECT_NE(page.find("HTTP/1.1 200 OK"), std::string::npos) << page;
-  EXPECT_NE(page.find("morphserve_requests_finished_total{reason=\"length\"} 2"),
-            std::string::npos) << page;
+  EXPECT_NE(page.find("morphserve_requests_finished_total{reason=\"length\"} 2"), std::string::npos)
+      << page;
   // The warm-up request made 2 tokens, ours 7.
   EXPECT_NE(page.find("morphserve_generation_tokens_total 9"), std::string::npos) << page;
   EXPECT_NE(page.find("morphserve_kv_blocks_total 64"), std::string::npos) << page;
-  EXPECT_NE(page.find("morphserve_time_to_first_token_seconds_count 2"), std::string::npos)
-      << page;
+  EXPECT_NE(page.find("morphserve_time_to_first_token_seconds_count 2"), std::string::npos) << page;
   EXPECT_NE(page.find("# TYPE morphserve_kv_bytes_saved gauge"), std::string::npos) << page;
   EXPECT_NE(HttpGet(server.metrics_port(), "/nope").find("404"), std::string::npos);
   EXPECT_EQ(server.Terminate(), 0);
@@ -435,23 +409,6 @@ std::string Slurp(const std::string& path) {
   while ((n = fread(buf, 1, sizeof(buf), f)) > 0) out.append(buf, n);
   fclose(f);
   return out;
-}
-
-// A CA, a server certificate for localhost / 127.0.0.1 and a client
-// certificate, made with the openssl tool.
-bool MakeCertificates(const std::string& dir) {
-  const std::string cmd =
-      "cd " + dir + " && "
-      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
-      "-subj /CN=test-ca && "
-      "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost"
-      " && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext && "
-      "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
-      "-days 2 -extfile san.ext && "
-      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && "
-      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
-      "-days 2";
-  return std::system((cmd + " >/dev/null 2>&1").c_str()) == 0;
 }
 
 grpc::StatusCode TryLoad(const std::shared_ptr<grpc::ChannelCredentials>& credentials, int port) {
@@ -473,9 +430,9 @@ TEST(ServeTest, TlsAndMutualTls) {
   with_cert.pem_private_key = Slurp(dir + "/client.key");
   with_cert.pem_cert_chain = Slurp(dir + "/client.pem");
   {
-    ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1",
-                          "--threads", "1", "--kv-cache-blocks", "16", "--log-level", "warn",
-                          "--tls-cert", dir + "/server.pem", "--tls-key", dir + "/server.key"});
+    ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
+                          "1", "--kv-cache-blocks", "16", "--log-level", "warn", "--tls-cert",
+                          dir + "/server.pem", "--tls-key", dir + "/server.key"});
     ASSERT_GT(server.port(), 0);
     EXPECT_EQ(TryLoad(grpc::SslCredentials(trust), server.port()), grpc::StatusCode::OK);
     EXPECT_NE(TryLoad(grpc::InsecureChannelCredentials(), server.port()), grpc::StatusCode::OK);

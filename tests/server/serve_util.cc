@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <mutex>
 
 #include "grpcpp/generic/generic_stub.h"
@@ -75,8 +76,8 @@ int ServerProcess::Terminate() {
 }
 
 std::unique_ptr<v1::Generation::Stub> Connect(int port) {
-  return v1::Generation::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  return v1::Generation::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
 }
 
 Streamed Generate(v1::Generation::Stub& stub, const v1::GenerateRequest& request) {
@@ -125,37 +126,61 @@ std::string HttpGet(int port, const std::string& path) {
   return out;
 }
 
-// grpc.health.v1.Health/Check for the whole server, through the generic
-// stub (HealthCheckResponse is `status = 1`, SERVING = 1, NOT_SERVING = 2).
-int HealthStatus(int port) {
-  grpc::GenericStub stub(grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                             grpc::InsecureChannelCredentials()));
+grpc::Status GenericUnary(int port, const std::string& method, const std::string& request_bytes,
+                          std::string* response_bytes) {
+  grpc::GenericStub stub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-  grpc::Slice empty;
-  const grpc::ByteBuffer request(&empty, 1);
+  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  grpc::Slice slice(request_bytes);
+  const grpc::ByteBuffer request(&slice, 1);
   grpc::ByteBuffer response;
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
   grpc::Status status;
-  stub.UnaryCall(&context, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request,
-                 &response, [&](grpc::Status s) {
-                   std::lock_guard<std::mutex> lock(mu);
-                   status = std::move(s);
-                   done = true;
-                   cv.notify_all();
-                 });
+  stub.UnaryCall(&context, method, grpc::StubOptions(), &request, &response, [&](grpc::Status s) {
+    std::lock_guard<std::mutex> lock(mu);
+    status = std::move(s);
+    done = true;
+    cv.notify_all();
+  });
   std::unique_lock<std::mutex> lock(mu);
   cv.wait(lock, [&] { return done; });
-  if (!status.ok()) return -static_cast<int>(status.error_code());
-  std::vector<grpc::Slice> slices;
-  if (!response.Dump(&slices).ok()) return -1;
-  std::string bytes;
-  for (const grpc::Slice& slice : slices) {
-    bytes.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  if (status.ok() && response_bytes != nullptr) {
+    std::vector<grpc::Slice> slices;
+    response_bytes->clear();
+    if (response.Dump(&slices).ok()) {
+      for (const grpc::Slice& s : slices) {
+        response_bytes->append(reinterpret_cast<const char*>(s.begin()), s.size());
+      }
+    }
   }
+  return status;
+}
+
+// HealthCheckResponse is `status = 1`: SERVING = 1, NOT_SERVING = 2.
+int HealthStatus(int port) {
+  std::string bytes;
+  const grpc::Status status = GenericUnary(port, "/grpc.health.v1.Health/Check", "", &bytes);
+  if (!status.ok()) return -static_cast<int>(status.error_code());
   return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : 0;
+}
+
+bool MakeCertificates(const std::string& dir) {
+  const std::string cmd =
+      "cd " + dir +
+      " && "
+      "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 "
+      "-subj /CN=test-ca && "
+      "openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost"
+      " && printf 'subjectAltName=DNS:localhost,IP:127.0.0.1' > san.ext && "
+      "openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem "
+      "-days 2 -extfile san.ext && "
+      "openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=client && "
+      "openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem "
+      "-days 2";
+  return std::system(("(" + cmd + ") >/dev/null 2>&1").c_str()) == 0;
 }
 
 }  // namespace morphserve::testing

@@ -60,6 +60,17 @@ std::string RunCli(const std::string& args);
 // GET `path` from 127.0.0.1:`port`; the whole response, headers included.
 std::string HttpGet(int port, const std::string& path);
 
+// One unary call of `method` (e.g. "/grpc.health.v1.Health/Check") with a
+// serialized request, through the generic stub; the response's bytes go to
+// `response_bytes` when not null.
+grpc::Status GenericUnary(int port, const std::string& method, const std::string& request_bytes,
+                          std::string* response_bytes);
+
+// A CA (ca.pem), a server certificate for localhost / 127.0.0.1
+// (server.pem, server.key) and a client certificate (client.pem,
+// client.key) in `dir`, made with the openssl tool; false without it.
+bool MakeCertificates(const std::string& dir);
+
 // grpc.health.v1.Health/Check for the whole server: 1 SERVING, 2 NOT_SERVING,
 // minus the status code when the call fails.
 int HealthStatus(int port);
