@@ -43,8 +43,8 @@ __global__ void __launch_bounds__(kNormThreads)
 
 // Grid-stride loop over the n_tokens * n outputs, one per thread.
 __global__ void __launch_bounds__(kElementThreads)
-    SiluMulKernel(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n,
-                  __nv_bfloat16* out, int64_t total, int64_t in_stride) {
+    SiluMulKernel(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n, __nv_bfloat16* out,
+                  int64_t total, int64_t in_stride) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += step) {
@@ -61,8 +61,8 @@ __global__ void __launch_bounds__(kElementThreads)
 // consecutive threads take consecutive pairs of a head.
 __global__ void __launch_bounds__(kElementThreads)
     RopeKernel(__nv_bfloat16* x, int64_t n_heads, int64_t head_dim, int64_t half,
-               const int32_t* positions, const float* inv_freq, RopeStyle style,
-               int64_t total, int64_t x_stride) {
+               const int32_t* positions, const float* inv_freq, RopeStyle style, int64_t total,
+               int64_t x_stride) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += step) {
@@ -94,15 +94,15 @@ absl::Status LaunchRmsNorm(std::conditional_t<kAddDelta, float*, const float*> x
   RETURN_IF_ERROR(Require(n > 0 && n_tokens >= 0, name, "n > 0 and n_tokens >= 0"));
   RETURN_IF_ERROR(Require(n_tokens <= INT32_MAX, name, "n_tokens < 2^31"));
   if (n_tokens == 0) return absl::OkStatus();
-  RmsNormKernel<kAddDelta><<<static_cast<unsigned>(n_tokens), kNormThreads, 0, stream>>>(
-      x, delta, weight, eps, n, out);
+  RmsNormKernel<kAddDelta>
+      <<<static_cast<unsigned>(n_tokens), kNormThreads, 0, stream>>>(x, delta, weight, eps, n, out);
   return LaunchStatus(kAddDelta ? "RmsNormKernel<add>" : "RmsNormKernel");
 }
 
 }  // namespace
 
-absl::Status RmsNorm(const float* x, const float* weight, float eps, int64_t n,
-                     __nv_bfloat16* out, int64_t n_tokens, cudaStream_t stream) {
+absl::Status RmsNorm(const float* x, const float* weight, float eps, int64_t n, __nv_bfloat16* out,
+                     int64_t n_tokens, cudaStream_t stream) {
   return LaunchRmsNorm<false>(x, nullptr, weight, eps, n, out, n_tokens, stream);
 }
 
@@ -112,8 +112,7 @@ absl::Status AddRmsNorm(float* residual, const float* delta, const float* weight
 }
 
 absl::Status SiluMul(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n,
-                     __nv_bfloat16* out, int64_t n_tokens, int64_t in_stride,
-                     cudaStream_t stream) {
+                     __nv_bfloat16* out, int64_t n_tokens, int64_t in_stride, cudaStream_t stream) {
   RETURN_IF_ERROR(Require(n > 0 && n_tokens >= 0 && in_stride >= n, "SiluMul",
                           "n > 0, n_tokens >= 0 and in_stride >= n"));
   if (n_tokens == 0) return absl::OkStatus();

@@ -25,8 +25,8 @@ namespace morphserve::kernels::cuda {
 
 // out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight for each of n_tokens
 // rows of n. x: f32 [n_tokens][n]; weight: f32 [n]; out: bf16 [n_tokens][n].
-absl::Status RmsNorm(const float* x, const float* weight, float eps, int64_t n,
-                     __nv_bfloat16* out, int64_t n_tokens, cudaStream_t stream);
+absl::Status RmsNorm(const float* x, const float* weight, float eps, int64_t n, __nv_bfloat16* out,
+                     int64_t n_tokens, cudaStream_t stream);
 
 // residual[t] += delta[t]; then out[t] = RmsNorm(residual[t]).
 // residual, delta: f32 [n_tokens][n]; weight: f32 [n]; out: bf16 [n_tokens][n].
@@ -37,8 +37,7 @@ absl::Status AddRmsNorm(float* residual, const float* delta, const float* weight
 // rows `in_stride` elements apart (so both may sit in one fused gate|up
 // product); out is bf16 [n_tokens][n] and overlaps neither.
 absl::Status SiluMul(const __nv_bfloat16* gate, const __nv_bfloat16* up, int64_t n,
-                     __nv_bfloat16* out, int64_t n_tokens, int64_t in_stride,
-                     cudaStream_t stream);
+                     __nv_bfloat16* out, int64_t n_tokens, int64_t in_stride, cudaStream_t stream);
 
 // Rotates, in place, the first rot_dim dims of each of the n_heads heads of
 // every token by positions[t] * inv_freq[i] (pairs as in RopeStyle; scaling

@@ -31,8 +31,8 @@ absl::Status EmbeddingGather(const __nv_bfloat16* table, int64_t vocab_size, int
   RETURN_IF_ERROR(internal::Require(n_tokens >= 0 && n_tokens <= INT32_MAX, "EmbeddingGather",
                                     "0 <= n_tokens < 2^31"));
   if (n_tokens == 0) return absl::OkStatus();
-  EmbeddingGatherKernel<<<static_cast<unsigned>(n_tokens), kThreads, 0, stream>>>(
-      table, vocab_size, dim, ids, out);
+  EmbeddingGatherKernel<<<static_cast<unsigned>(n_tokens), kThreads, 0, stream>>>(table, vocab_size,
+                                                                                  dim, ids, out);
   return LaunchStatus("EmbeddingGatherKernel");
 }
 

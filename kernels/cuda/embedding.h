@@ -17,8 +17,7 @@ namespace morphserve::kernels::cuda {
 // [n_tokens][dim]. Ids are checked by the tokenizer; one outside
 // [0, vocab_size) gives a row of zeros rather than a read out of bounds.
 absl::Status EmbeddingGather(const __nv_bfloat16* table, int64_t vocab_size, int64_t dim,
-                             const int32_t* ids, float* out, int64_t n_tokens,
-                             cudaStream_t stream);
+                             const int32_t* ids, float* out, int64_t n_tokens, cudaStream_t stream);
 
 }  // namespace morphserve::kernels::cuda
 

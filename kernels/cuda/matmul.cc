@@ -61,8 +61,8 @@ absl::Status MatMul(const MatMulArgs& a, Cublas& cublas, cudaStream_t stream) {
   RETURN_IF_ERROR(Require(a.rows <= INT32_MAX && a.n_tokens <= INT32_MAX &&
                               a.x_stride <= INT32_MAX && a.y_stride <= INT32_MAX,
                           kName, "sizes and strides below 2^31"));
-  RETURN_IF_ERROR(Require(a.y_type == DType::kF32 || a.y_type == DType::kBF16, kName,
-                          "an f32 or bf16 output"));
+  RETURN_IF_ERROR(
+      Require(a.y_type == DType::kF32 || a.y_type == DType::kBF16, kName, "an f32 or bf16 output"));
   if (a.n_tokens == 0) return absl::OkStatus();
   ASSIGN_OR_RETURN(cublasHandle_t handle, cublas.HandleFor(stream));
   // cuBLAS is column-major: the row-major [n_tokens][y_stride] Y is the
@@ -73,10 +73,9 @@ absl::Status MatMul(const MatMulArgs& a, Cublas& cublas, cudaStream_t stream) {
   const float beta = 0.0f;
   return CublasStatus(
       cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(a.rows),
-                   static_cast<int>(a.n_tokens), static_cast<int>(a.cols), &alpha, a.w,
-                   CUDA_R_16BF, static_cast<int>(a.cols), a.x, CUDA_R_16BF,
-                   static_cast<int>(a.x_stride), &beta, a.y,
-                   a.y_type == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF,
+                   static_cast<int>(a.n_tokens), static_cast<int>(a.cols), &alpha, a.w, CUDA_R_16BF,
+                   static_cast<int>(a.cols), a.x, CUDA_R_16BF, static_cast<int>(a.x_stride), &beta,
+                   a.y, a.y_type == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF,
                    static_cast<int>(a.y_stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       "cublasGemmEx");
 }

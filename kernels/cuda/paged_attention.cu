@@ -194,8 +194,8 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Params p)
       const int head = first_head + h;
       const float sum = head_sum[h];
       const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
-      const int64_t at = (static_cast<int64_t>(seq) * p.num_heads + head) * p.max_partitions +
-                         partition;
+      const int64_t at =
+          (static_cast<int64_t>(seq) * p.num_heads + head) * p.max_partitions + partition;
       for (int d = static_cast<int>(threadIdx.x); d < kHeadDim; d += kThreads) {
         float total = 0.0f;
 #pragma unroll
@@ -223,8 +223,7 @@ __global__ void __launch_bounds__(kHeadDim) PagedAttentionReduceKernel(const Par
   const int head = static_cast<int>(blockIdx.x);
   const int seq = static_cast<int>(blockIdx.y);
   const int partitions = NumPartitions(ContextLen(p, seq));
-  const int64_t base =
-      (static_cast<int64_t>(seq) * p.num_heads + head) * p.max_partitions;
+  const int64_t base = (static_cast<int64_t>(seq) * p.num_heads + head) * p.max_partitions;
   float global_max = -INFINITY;
   for (int i = 0; i < partitions; ++i) global_max = fmaxf(global_max, p.max_logits[base + i]);
   // An empty partition (sum 0, max -inf) weighs 0.
@@ -267,29 +266,29 @@ size_t PagedAttentionScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t h
   return static_cast<size_t>(num_seqs * num_heads * partitions * (head_dim + 2)) * sizeof(float);
 }
 
-absl::Status PagedAttention(const PagedAttentionArgs& a, const __nv_bfloat16* q,
-                            int64_t q_stride, __nv_bfloat16* out, void* scratch,
-                            cudaStream_t stream) {
+absl::Status PagedAttention(const PagedAttentionArgs& a, const __nv_bfloat16* q, int64_t q_stride,
+                            __nv_bfloat16* out, void* scratch, cudaStream_t stream) {
   constexpr const char* kName = "PagedAttention";
   // Grid dimensions y and z stop at 65535.
   RETURN_IF_ERROR(Require(a.num_seqs >= 0 && a.num_seqs <= 65535, kName, "0 <= num_seqs <= 65535"));
-  RETURN_IF_ERROR(Require(a.num_kv_heads > 0 && a.num_heads % a.num_kv_heads == 0 &&
-                              a.num_heads <= 65535,
-                          kName, "num_kv_heads > 0 dividing num_heads <= 65535"));
+  RETURN_IF_ERROR(
+      Require(a.num_kv_heads > 0 && a.num_heads % a.num_kv_heads == 0 && a.num_heads <= 65535,
+              kName, "num_kv_heads > 0 dividing num_heads <= 65535"));
   RETURN_IF_ERROR(Require(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256, kName,
                           "head_dim 64, 128 or 256"));
-  RETURN_IF_ERROR(Require(a.block_size > 0 && a.block_size <= (1 << 20) && a.block_table_stride >= 0,
-                          kName, "0 < block_size <= 2^20 and block_table_stride >= 0"));
-  RETURN_IF_ERROR(Require(a.max_context_len >= 0 && a.max_context_len <= (int64_t{1} << 30),
-                          kName, "0 <= max_context_len <= 2^30"));
-  RETURN_IF_ERROR(Require(q_stride >= a.num_heads * a.head_dim, kName,
-                          "q_stride >= num_heads * head_dim"));
-  RETURN_IF_ERROR(Require(Aligned16(a.k_cache) && Aligned16(a.v_cache), kName,
-                          "16-byte aligned caches"));
+  RETURN_IF_ERROR(
+      Require(a.block_size > 0 && a.block_size <= (1 << 20) && a.block_table_stride >= 0, kName,
+              "0 < block_size <= 2^20 and block_table_stride >= 0"));
+  RETURN_IF_ERROR(Require(a.max_context_len >= 0 && a.max_context_len <= (int64_t{1} << 30), kName,
+                          "0 <= max_context_len <= 2^30"));
+  RETURN_IF_ERROR(
+      Require(q_stride >= a.num_heads * a.head_dim, kName, "q_stride >= num_heads * head_dim"));
+  RETURN_IF_ERROR(
+      Require(Aligned16(a.k_cache) && Aligned16(a.v_cache), kName, "16-byte aligned caches"));
   const size_t scratch_bytes =
       PagedAttentionScratchBytes(a.num_seqs, a.num_heads, a.head_dim, a.max_context_len);
-  RETURN_IF_ERROR(Require(scratch_bytes == 0 || (scratch != nullptr && Aligned16(scratch)),
-                          kName, "16-byte aligned scratch of PagedAttentionScratchBytes()"));
+  RETURN_IF_ERROR(Require(scratch_bytes == 0 || (scratch != nullptr && Aligned16(scratch)), kName,
+                          "16-byte aligned scratch of PagedAttentionScratchBytes()"));
   if (a.num_seqs == 0) return absl::OkStatus();
 
   Params p;

@@ -13,9 +13,9 @@ constexpr int kThreads = 128;
 // consecutive threads into its contiguous cache row.
 __global__ void __launch_bounds__(kThreads)
     WritePagedKvKernel(const __nv_bfloat16* k, const __nv_bfloat16* v, int64_t kv_stride,
-                       const int32_t* slot_mapping, __nv_bfloat16* k_cache,
-                       __nv_bfloat16* v_cache, int64_t num_slots, int64_t block_size,
-                       int64_t num_kv_heads, int64_t head_dim) {
+                       const int32_t* slot_mapping, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,
+                       int64_t num_slots, int64_t block_size, int64_t num_kv_heads,
+                       int64_t head_dim) {
   const int64_t t = blockIdx.x;
   const __nv_bfloat16* k_row = k + t * kv_stride;
   const __nv_bfloat16* v_row = v + t * kv_stride;
@@ -39,9 +39,9 @@ absl::Status WritePagedKv(const __nv_bfloat16* k, const __nv_bfloat16* v, int64_
                           __nv_bfloat16* v_cache, int64_t num_blocks, int64_t block_size,
                           int64_t num_kv_heads, int64_t head_dim, int64_t n_tokens,
                           cudaStream_t stream) {
-  RETURN_IF_ERROR(internal::Require(
-      num_blocks > 0 && block_size > 0 && num_kv_heads > 0 && head_dim > 0, "WritePagedKv",
-      "a non-empty cache shape"));
+  RETURN_IF_ERROR(
+      internal::Require(num_blocks > 0 && block_size > 0 && num_kv_heads > 0 && head_dim > 0,
+                        "WritePagedKv", "a non-empty cache shape"));
   RETURN_IF_ERROR(internal::Require(kv_stride >= num_kv_heads * head_dim, "WritePagedKv",
                                     "kv_stride >= num_kv_heads * head_dim"));
   RETURN_IF_ERROR(internal::Require(n_tokens >= 0 && n_tokens <= INT32_MAX, "WritePagedKv",

@@ -18,8 +18,7 @@ TEST(CudaStatusTest, NamesTheCallAndTheError) {
   const absl::Status oom = CudaStatus(cudaErrorMemoryAllocation, "cudaMalloc(&p, n)");
   EXPECT_EQ(oom.code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(std::string(oom.message()).find("cudaMalloc(&p, n): "), std::string::npos) << oom;
-  EXPECT_NE(std::string(oom.message()).find("cudaErrorMemoryAllocation"), std::string::npos)
-      << oom;
+  EXPECT_NE(std::string(oom.message()).find("cudaErrorMemoryAllocation"), std::string::npos) << oom;
   EXPECT_EQ(CudaStatus(cudaErrorNoDevice, "x").code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(CudaStatus(cudaErrorIllegalAddress, "x").code(), absl::StatusCode::kInternal);
 }
@@ -39,8 +38,7 @@ TEST(CudaStatusTest, CublasCodes) {
       << bad;
   EXPECT_EQ(CublasStatus(CUBLAS_STATUS_ALLOC_FAILED, "x").code(),
             absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(CublasStatus(CUBLAS_STATUS_EXECUTION_FAILED, "x").code(),
-            absl::StatusCode::kInternal);
+  EXPECT_EQ(CublasStatus(CUBLAS_STATUS_EXECUTION_FAILED, "x").code(), absl::StatusCode::kInternal);
 }
 
 }  // namespace

@@ -15,9 +15,9 @@ void CudaTest::SetUp() {
   int devices = 0;
   const cudaError_t error = cudaGetDeviceCount(&devices);
   if (error != cudaSuccess || devices == 0) {
-    const std::string reason =
-        error != cudaSuccess ? std::string("cudaGetDeviceCount: ") + cudaGetErrorString(error)
-                             : std::string("cudaGetDeviceCount found 0 devices");
+    const std::string reason = error != cudaSuccess
+                                   ? std::string("cudaGetDeviceCount: ") + cudaGetErrorString(error)
+                                   : std::string("cudaGetDeviceCount found 0 devices");
     const char* require = std::getenv("MORPHSERVE_REQUIRE_GPU");
     if (require != nullptr && std::string(require) == "1") {
       FAIL() << "no CUDA device visible (" << reason << ") and MORPHSERVE_REQUIRE_GPU=1";

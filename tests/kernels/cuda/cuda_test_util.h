@@ -18,17 +18,17 @@
 #include "common/status.h"
 #include "kernels/cuda/device_buffer.h"
 
-#define ASSERT_OK(expr)                                    \
-  do {                                                     \
-    const ::absl::Status _morphserve_test_status = (expr); \
+#define ASSERT_OK(expr)                                                   \
+  do {                                                                    \
+    const ::absl::Status _morphserve_test_status = (expr);                \
     ASSERT_TRUE(_morphserve_test_status.ok()) << _morphserve_test_status; \
   } while (0)
 
 #define ASSERT_OK_AND_ASSIGN(lhs, expr) \
   ASSERT_OK_AND_ASSIGN_IMPL_(MORPHSERVE_CONCAT_(_morphserve_test_or_, __LINE__), lhs, expr)
-#define ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr)   \
-  auto tmp = (expr);                                 \
-  ASSERT_TRUE(tmp.ok()) << tmp.status();             \
+#define ASSERT_OK_AND_ASSIGN_IMPL_(tmp, lhs, expr) \
+  auto tmp = (expr);                               \
+  ASSERT_TRUE(tmp.ok()) << tmp.status();           \
   lhs = std::move(tmp).value()
 
 namespace morphserve::testing {

@@ -43,8 +43,8 @@ TEST_F(ElementwiseCudaTest, RmsNormMatchesCpu) {
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(x));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned<uint16_t>(x.size()));
-    ASSERT_OK(RmsNorm(d_x.as<float>(), d_weight.as<float>(), 1e-5f, s.n,
-                      d_out.as<__nv_bfloat16>(), s.n_tokens, stream_));
+    ASSERT_OK(RmsNorm(d_x.as<float>(), d_weight.as<float>(), 1e-5f, s.n, d_out.as<__nv_bfloat16>(),
+                      s.n_tokens, stream_));
     ASSERT_OK(Sync());
     ASSERT_OK_AND_ASSIGN(const std::vector<uint16_t> out, d_out.ToHost<uint16_t>());
     EXPECT_TRUE(AllClose(Bf16ToF32(out), expected, 1e-7, kBf16RelTol))
@@ -64,15 +64,15 @@ TEST_F(ElementwiseCudaTest, AddRmsNormUpdatesResidualExactly) {
     std::vector<float> expected_residual = residual;
     std::vector<float> expected(residual.size());
     for (int64_t t = 0; t < s.n_tokens; ++t) {
-      kernels::AddRmsNorm(&expected_residual[t * s.n], &delta[t * s.n], weight.data(), 1e-6f,
-                          s.n, &expected[t * s.n]);
+      kernels::AddRmsNorm(&expected_residual[t * s.n], &delta[t * s.n], weight.data(), 1e-6f, s.n,
+                          &expected[t * s.n]);
     }
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_residual, Upload(residual));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_delta, Upload(delta));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_weight, Upload(weight));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned<uint16_t>(residual.size()));
-    ASSERT_OK(AddRmsNorm(d_residual.as<float>(), d_delta.as<float>(), d_weight.as<float>(),
-                         1e-6f, s.n, d_out.as<__nv_bfloat16>(), s.n_tokens, stream_));
+    ASSERT_OK(AddRmsNorm(d_residual.as<float>(), d_delta.as<float>(), d_weight.as<float>(), 1e-6f,
+                         s.n, d_out.as<__nv_bfloat16>(), s.n_tokens, stream_));
     ASSERT_OK(Sync());
     ASSERT_OK_AND_ASSIGN(const std::vector<float> residual_after, d_residual.ToHost<float>());
     EXPECT_EQ(residual_after, expected_residual) << "n_tokens=" << s.n_tokens << " n=" << s.n;
@@ -88,8 +88,8 @@ TEST_F(ElementwiseCudaTest, SiluMulMatchesCpu) {
   };
   std::mt19937 rng(13);
   // in_stride 2n is the fused gate|up layout.
-  for (const Shape& s : {Shape{1, 1, 1}, Shape{17, 577, 2 * 577}, Shape{1031, 64, 67},
-                         Shape{4, 1000, 2000}}) {
+  for (const Shape& s :
+       {Shape{1, 1, 1}, Shape{17, 577, 2 * 577}, Shape{1031, 64, 67}, Shape{4, 1000, 2000}}) {
     std::vector<uint16_t> gate_up = RandomBf16(s.n_tokens * s.in_stride, 6.0f, rng);
     // exp(-g) underflowing, overflowing and exactly 1.
     for (int64_t i = 0; i < std::min<int64_t>(4, s.n); ++i) {
@@ -108,8 +108,8 @@ TEST_F(ElementwiseCudaTest, SiluMulMatchesCpu) {
     // One row of slack past the output, which must stay poisoned.
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned<uint16_t>(expected.size() + s.n));
     const auto* in = d_in.as<__nv_bfloat16>();
-    ASSERT_OK(SiluMul(in, in + up_offset, s.n, d_out.as<__nv_bfloat16>(), s.n_tokens,
-                      s.in_stride, stream_));
+    ASSERT_OK(SiluMul(in, in + up_offset, s.n, d_out.as<__nv_bfloat16>(), s.n_tokens, s.in_stride,
+                      stream_));
     ASSERT_OK(Sync());
     ASSERT_OK_AND_ASSIGN(std::vector<uint16_t> out, d_out.ToHost<uint16_t>());
     for (int64_t i = 0; i < s.n; ++i) {
@@ -165,8 +165,7 @@ TEST_F(ElementwiseCudaTest, RopeMatchesCpuInBothStyles) {
       // the rest of the row) bit for bit unchanged.
       for (size_t i = 0; i < x.size(); ++i) {
         const int64_t in_row = static_cast<int64_t>(i) % s.x_stride;
-        const bool rotated =
-            in_row < s.n_heads * s.head_dim && in_row % s.head_dim < s.rot_dim;
+        const bool rotated = in_row < s.n_heads * s.head_dim && in_row % s.head_dim < s.rot_dim;
         if (!rotated) {
           ASSERT_EQ(out[i], x[i]) << "changed element " << i;
         }
@@ -188,15 +187,15 @@ TEST_F(ElementwiseCudaTest, RopeMatchesCpuInBothStyles) {
 
 // Argument checks come before any CUDA call, so these need no GPU.
 TEST(ElementwiseCudaArgsTest, RejectsBadShapesWithoutLaunching) {
-  EXPECT_EQ(ApplyRope(nullptr, 2, 64, 63, nullptr, nullptr, RopeStyle::kHalf, 1, 128, nullptr)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ApplyRope(nullptr, 2, 64, 66, nullptr, nullptr, RopeStyle::kHalf, 1, 128, nullptr)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_EQ(ApplyRope(nullptr, 2, 64, 64, nullptr, nullptr, RopeStyle::kHalf, 1, 127, nullptr)
-                .code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      ApplyRope(nullptr, 2, 64, 63, nullptr, nullptr, RopeStyle::kHalf, 1, 128, nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      ApplyRope(nullptr, 2, 64, 66, nullptr, nullptr, RopeStyle::kHalf, 1, 128, nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(
+      ApplyRope(nullptr, 2, 64, 64, nullptr, nullptr, RopeStyle::kHalf, 1, 127, nullptr).code(),
+      absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(SiluMul(nullptr, nullptr, 64, nullptr, 1, 63, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(RmsNorm(nullptr, nullptr, 1e-5f, 0, nullptr, 1, nullptr).code(),

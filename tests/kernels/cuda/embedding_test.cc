@@ -24,8 +24,8 @@ TEST_F(EmbeddingCudaTest, GathersRowsExactly) {
     int64_t vocab_size, dim, n_tokens;
   };
   std::mt19937 rng(21);
-  for (const Shape& s : {Shape{1, 1, 1}, Shape{997, 17, 17}, Shape{5000, 576, 1031},
-                         Shape{300, 1537, 3}}) {
+  for (const Shape& s :
+       {Shape{1, 1, 1}, Shape{997, 17, 17}, Shape{5000, 576, 1031}, Shape{300, 1537, 3}}) {
     const std::vector<uint16_t> table = RandomBf16(s.vocab_size * s.dim, 1.0f, rng);
     std::uniform_int_distribution<int32_t> any_id(0, static_cast<int32_t>(s.vocab_size - 1));
     std::vector<int32_t> ids(s.n_tokens);
@@ -38,8 +38,8 @@ TEST_F(EmbeddingCudaTest, GathersRowsExactly) {
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_table, Upload(table));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_ids, Upload(ids));
     ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned<float>(expected.size()));
-    ASSERT_OK(EmbeddingGather(d_table.as<__nv_bfloat16>(), s.vocab_size, s.dim,
-                              d_ids.as<int32_t>(), d_out.as<float>(), s.n_tokens, stream_));
+    ASSERT_OK(EmbeddingGather(d_table.as<__nv_bfloat16>(), s.vocab_size, s.dim, d_ids.as<int32_t>(),
+                              d_out.as<float>(), s.n_tokens, stream_));
     ASSERT_OK(Sync());
     ASSERT_OK_AND_ASSIGN(const std::vector<float> out, d_out.ToHost<float>());
     // Widening bf16 to f32 is exact.

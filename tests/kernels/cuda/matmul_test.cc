@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-
 #include "common/fp16.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cuda/cuda_status.h"
@@ -32,8 +31,8 @@ struct Shape {
 };
 
 std::string Describe(const Shape& s) {
-  return absl::StrCat("t", s.n_tokens, "_rows", s.rows, "_cols", s.cols, "_xpad", s.x_pad,
-                      "_ypad", s.y_pad);
+  return absl::StrCat("t", s.n_tokens, "_rows", s.rows, "_cols", s.cols, "_xpad", s.x_pad, "_ypad",
+                      s.y_pad);
 }
 void PrintTo(const Shape& s, std::ostream* os) { *os << Describe(s); }
 std::string ShapeName(const ::testing::TestParamInfo<Shape>& info) { return Describe(info.param); }
@@ -50,8 +49,8 @@ TEST_P(MatMulCudaTest, MatchesCpuReference) {
 
   const std::vector<float> x_f = Bf16ToF32(x);
   std::vector<float> expected(s.n_tokens * y_stride);
-  const kernels::MatMulArgs cpu{DType::kBF16, w.data(), static_cast<size_t>(s.cols) * 2,
-                                s.rows,       s.cols,   x_f.data(),
+  const kernels::MatMulArgs cpu{DType::kBF16, w.data(),   static_cast<size_t>(s.cols) * 2,
+                                s.rows,       s.cols,     x_f.data(),
                                 x_stride,     s.n_tokens, expected.data(),
                                 y_stride};
   MatMulReference(cpu);
@@ -77,9 +76,8 @@ TEST_P(MatMulCudaTest, MatchesCpuReference) {
     // Run on the test's stream, then on the legacy default stream, so the
     // handle is rebound (with its workspace) in between.
     for (cudaStream_t stream : {stream_, cudaStream_t{nullptr}}) {
-      ASSERT_OK_AND_ASSIGN(DeviceBuffer d_y,
-                           f32 ? Poisoned<float>(expected.size())
-                               : Poisoned<uint16_t>(expected.size()));
+      ASSERT_OK_AND_ASSIGN(DeviceBuffer d_y, f32 ? Poisoned<float>(expected.size())
+                                                 : Poisoned<uint16_t>(expected.size()));
       MatMulArgs args;
       args.w = d_w.as<__nv_bfloat16>();
       args.rows = s.rows;
@@ -107,11 +105,12 @@ TEST_P(MatMulCudaTest, MatchesCpuReference) {
             if (!std::isnan(got[i])) ++bad;  // padding must stay untouched
             continue;
           }
-          const double tol = 1e-4 * magnitude[i] + (f32 ? 0.0 : kBf16RelTol * std::fabs(expected[i]));
+          const double tol =
+              1e-4 * magnitude[i] + (f32 ? 0.0 : kBf16RelTol * std::fabs(expected[i]));
           if (!(std::fabs(double{got[i]} - expected[i]) <= tol)) {
             if (bad++ == 0) {
-              ADD_FAILURE() << "token " << t << " row " << r << ": got " << got[i]
-                            << ", expected " << expected[i] << " within " << tol;
+              ADD_FAILURE() << "token " << t << " row " << r << ": got " << got[i] << ", expected "
+                            << expected[i] << " within " << tol;
             }
           }
         }
@@ -126,10 +125,8 @@ TEST_P(MatMulCudaTest, MatchesCpuReference) {
 // strides (odd leading dimensions) and a vocabulary-sized product.
 INSTANTIATE_TEST_SUITE_P(Shapes, MatMulCudaTest,
                          ::testing::Values(Shape{1, 1, 1, 0, 0}, Shape{17, 576, 576, 3, 5},
-                                           Shape{1031, 64, 1537, 1, 0},
-                                           Shape{3, 1000, 4096, 0, 7},
-                                           Shape{1, 49152, 576, 0, 0},
-                                           Shape{129, 1536, 576, 8, 8}),
+                                           Shape{1031, 64, 1537, 1, 0}, Shape{3, 1000, 4096, 0, 7},
+                                           Shape{1, 49152, 576, 0, 0}, Shape{129, 1536, 576, 8, 8}),
                          ShapeName);
 
 }  // namespace

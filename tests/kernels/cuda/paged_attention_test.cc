@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-
 #include "kernels/cpu/paged_attention.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
 

@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-
 #include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace morphserve::kernels::cuda {
@@ -28,8 +27,8 @@ struct Shape {
 };
 
 std::string Describe(const Shape& s) {
-  return absl::StrCat("t", s.n_tokens, "_kv", s.num_kv_heads, "_d", s.head_dim, "_bs",
-                      s.block_size, "_blocks", s.num_blocks);
+  return absl::StrCat("t", s.n_tokens, "_kv", s.num_kv_heads, "_d", s.head_dim, "_bs", s.block_size,
+                      "_blocks", s.num_blocks);
 }
 void PrintTo(const Shape& s, std::ostream* os) { *os << Describe(s); }
 std::string ShapeName(const ::testing::TestParamInfo<Shape>& info) { return Describe(info.param); }
@@ -73,8 +72,7 @@ TEST_P(PagedKvWriteCudaTest, WritesMappedSlotsOnly) {
           ((slot / s.block_size * s.num_kv_heads + h) * s.block_size + slot % s.block_size) *
           s.head_dim;
       std::copy_n(&qkv[t * stride + q_dim + h * s.head_dim], s.head_dim, &k_expected[at]);
-      std::copy_n(&qkv[t * stride + q_dim + kv_dim + h * s.head_dim], s.head_dim,
-                  &v_expected[at]);
+      std::copy_n(&qkv[t * stride + q_dim + kv_dim + h * s.head_dim], s.head_dim, &v_expected[at]);
     }
   }
 
@@ -83,10 +81,9 @@ TEST_P(PagedKvWriteCudaTest, WritesMappedSlotsOnly) {
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_k_cache, Poisoned<uint16_t>(cache_elems));
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_v_cache, Poisoned<uint16_t>(cache_elems));
   const auto* qkv_ptr = d_qkv.as<__nv_bfloat16>();
-  ASSERT_OK(WritePagedKv(qkv_ptr + q_dim, qkv_ptr + q_dim + kv_dim, stride,
-                         d_mapping.as<int32_t>(), d_k_cache.as<__nv_bfloat16>(),
-                         d_v_cache.as<__nv_bfloat16>(), s.num_blocks, s.block_size,
-                         s.num_kv_heads, s.head_dim, s.n_tokens, stream_));
+  ASSERT_OK(WritePagedKv(qkv_ptr + q_dim, qkv_ptr + q_dim + kv_dim, stride, d_mapping.as<int32_t>(),
+                         d_k_cache.as<__nv_bfloat16>(), d_v_cache.as<__nv_bfloat16>(), s.num_blocks,
+                         s.block_size, s.num_kv_heads, s.head_dim, s.n_tokens, stream_));
   ASSERT_OK(Sync());
   ASSERT_OK_AND_ASSIGN(const std::vector<uint16_t> k_cache, d_k_cache.ToHost<uint16_t>());
   ASSERT_OK_AND_ASSIGN(const std::vector<uint16_t> v_cache, d_v_cache.ToHost<uint16_t>());
