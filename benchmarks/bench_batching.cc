@@ -48,8 +48,8 @@ struct RunResult {
 
 // Submits `requests` prompts at once and reads every stream to its end.
 RunResult Run(const engine::Model& model, const server::EngineOptions& options,
-              const KvPolicyConfig& kv, int64_t requests, int64_t prompt_tokens,
-              int64_t gen_tokens, const std::string& label) {
+              const KvPolicyConfig& kv, int64_t requests, int64_t prompt_tokens, int64_t gen_tokens,
+              const std::string& label) {
   server::EngineLoop engine(model, options);
   std::mt19937 rng(7);
   std::vector<std::shared_ptr<server::TokenStream>> streams;
@@ -92,8 +92,8 @@ RunResult Run(const engine::Model& model, const server::EngineOptions& options,
     if (Clock::now() - report > std::chrono::seconds(5)) {
       report = Clock::now();
       const server::EngineStats s = engine.Stats();
-      std::fprintf(stderr, "[%s] %zu/%zu requests done, %lld running, %lld tokens\n",
-                   label.c_str(), done, streams.size(), static_cast<long long>(s.running),
+      std::fprintf(stderr, "[%s] %zu/%zu requests done, %lld running, %lld tokens\n", label.c_str(),
+                   done, streams.size(), static_cast<long long>(s.running),
                    static_cast<long long>(result.output_tokens));
     }
     if (!progressed) std::this_thread::sleep_for(std::chrono::microseconds(500));
@@ -108,6 +108,7 @@ int Main(int argc, char** argv) {
   std::string model_path, batch_sizes = "1,2,4,8,16,32,64", out = "bench-out";
   int64_t threads = 2, requests = 64, prompt_tokens = 128, gen_tokens = 512, pool_seqs = 16;
   int64_t window = 16, capacity = 128, sweep_tokens = 64;
+  bool full_guaranteed = false;
   cli::ArgParser p("bench_batching --model PATH [options]",
                    "full vs morphkv under one KV pool, and tokens/s against batch size.");
   p.AddString("model", &model_path, "model file or directory");
@@ -118,11 +119,13 @@ int Main(int argc, char** argv) {
   p.AddInt("pool-seqs", &pool_seqs, "KV pool size in full-length sequences");
   p.AddInt("window", &window, "morphkv W");
   p.AddInt("capacity", &capacity, "morphkv C");
+  p.AddFlag("full-guaranteed", &full_guaranteed,
+            "also run `full` with guaranteed admission (reserved at its maximum)");
   p.AddString("batch-sizes", &batch_sizes, "batch sizes for the throughput sweep (empty: skip)");
   p.AddInt("sweep-tokens", &sweep_tokens, "tokens generated per request in the sweep");
   p.AddString("out", &out, "output directory");
-  if (absl::Status s = p.Parse(argc, argv, 1); !s.ok() || p.help_requested() ||
-                                                 model_path.empty()) {
+  if (absl::Status s = p.Parse(argc, argv, 1);
+      !s.ok() || p.help_requested() || model_path.empty()) {
     std::fputs(p.Help().c_str(), s.ok() ? stdout : stderr);
     return s.ok() && p.help_requested() ? 0 : 2;
   }
@@ -149,6 +152,12 @@ int Main(int argc, char** argv) {
   runs.push_back(Run(model, options, full, requests, prompt_tokens, gen_tokens, "full"));
   runs.push_back(Run(model, options, morph, requests, prompt_tokens, gen_tokens,
                      absl::StrFormat("morphkv W%d C%d", window, capacity)));
+  if (full_guaranteed) {
+    server::EngineOptions guaranteed = options;
+    guaranteed.full_admission = scheduler::FullAdmission::kGuaranteed;
+    runs.push_back(Run(model, guaranteed, full, requests, prompt_tokens, gen_tokens,
+                       "full, guaranteed admission"));
+  }
 
   std::string md = absl::StrFormat(
       "%d requests (prompt %d, %d generated, EOS ignored), KV pool of %d blocks of %d tokens "
@@ -165,8 +174,7 @@ int Main(int argc, char** argv) {
 
   std::vector<plot::LinePlot> panels(2);
   panels[0] = {"KV blocks in use", "seconds", "blocks", false, 0.0, std::nullopt, {}};
-  panels[1] = {"Sequences decoding per step", "seconds", "sequences", false, 0.0, std::nullopt,
-               {}};
+  panels[1] = {"Sequences decoding per step", "seconds", "sequences", false, 0.0, std::nullopt, {}};
   for (const RunResult& r : runs) {
     plot::Series blocks{r.label, {}, {}}, decoding{r.label, {}, {}};
     for (const server::StepSample& s : r.timeline) {
@@ -185,8 +193,13 @@ int Main(int argc, char** argv) {
         "enough for all, `full` policy.\n\n| batch size | output tok/s | mean decoding / step "
         "|\n|---:|---:|---:|\n",
         sweep_tokens);
-    plot::LinePlot sweep{"Output tokens/s against batch size", "batch size", "tokens/s", true,
-                         0.0, std::nullopt, {}};
+    plot::LinePlot sweep{"Output tokens/s against batch size",
+                         "batch size",
+                         "tokens/s",
+                         true,
+                         0.0,
+                         std::nullopt,
+                         {}};
     plot::Series series{"full", {}, {}};
     for (absl::string_view part : absl::StrSplit(batch_sizes, ',', absl::SkipEmpty())) {
       int64_t b = 0;
@@ -194,8 +207,7 @@ int Main(int argc, char** argv) {
       server::EngineOptions o = options;
       o.record_timeline = false;
       o.num_blocks = b * ((16 + sweep_tokens + block_size - 1) / block_size);
-      const RunResult r =
-          Run(model, o, full, b, 16, sweep_tokens, absl::StrFormat("batch %d", b));
+      const RunResult r = Run(model, o, full, b, 16, sweep_tokens, absl::StrFormat("batch %d", b));
       md += absl::StrFormat("| %d | %.1f | %.1f |\n", b, r.output_tokens / r.seconds,
                             r.mean_decoding());
       series.x.push_back(static_cast<double>(b));
@@ -205,9 +217,9 @@ int Main(int argc, char** argv) {
     panels.push_back(std::move(sweep));
   }
   std::ofstream(out + "/batching.md") << md;
-  if (absl::Status s = plot::WritePlotGridPng(panels, static_cast<int>(panels.size()),
-                                              600 * static_cast<int>(panels.size()), 500,
-                                              out + "/batching.png");
+  if (absl::Status s =
+          plot::WritePlotGridPng(panels, static_cast<int>(panels.size()),
+                                 600 * static_cast<int>(panels.size()), 500, out + "/batching.png");
       !s.ok()) {
     std::fprintf(stderr, "%s\n", std::string(s.message()).c_str());
     return 1;

@@ -64,6 +64,8 @@ absl::Status Scheduler::Add(SequenceRequest request) {
   Sequence seq;
   seq.tokens = request.prompt;
   seq.prompt_tokens = prompt;
+  seq.reserve = request.kv.kind != KvPolicyKind::kFull ||
+                config_.full_admission == FullAdmission::kGuaranteed;
   seq.request = std::move(request);
   seq.arrival = next_arrival_++;
   const int64_t id = seq.request.id;

@@ -11,6 +11,10 @@
 // requests are admitted strictly in order, so none waits behind later
 // arrivals. A request that could never fit is refused at Add().
 //
+// FullAdmission::kGuaranteed makes `full` reserve its most blocks too
+// (prompt + max_new_tokens, TensorRT-LLM's "guaranteed no evict"): no
+// preemption ever, at the price of fewer sequences at once.
+//
 // Protocol, on one thread: Add / Cancel / ExpireDeadlines between steps;
 // Schedule() -> StepPlan; the executor runs it; Update(StepResult).
 // Includes no engine or kernel header.
@@ -28,11 +32,18 @@
 
 namespace morphserve::scheduler {
 
+// How full-cache requests are admitted.
+enum class FullAdmission {
+  kOptimistic,  // allocate as they grow; preempt and recompute when the pool runs dry
+  kGuaranteed,  // reserve prompt + max_new_tokens at admission; never preempted
+};
+
 struct SchedulerConfig {
   int64_t num_blocks = 0;
   int64_t block_size = 16;
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
+  FullAdmission full_admission = FullAdmission::kOptimistic;
 };
 
 // A sequence's new token, its end, or both.

@@ -33,8 +33,8 @@ struct SequenceRequest {
 struct Sequence {
   SequenceRequest request;
   SequenceState state = SequenceState::kQueued;
-  int64_t arrival = 0;  // order of Add(): ties in priority go first-come first-served
-  int64_t admitted = -1;  // order of the latest admission; preemption takes the latest
+  int64_t arrival = 0;          // order of Add(): ties in priority go first-come first-served
+  int64_t admitted = -1;        // order of the latest admission; preemption takes the latest
   std::vector<int32_t> tokens;  // prompt, then every generated token
   int64_t num_generated = 0;
   // Tokens whose KV is in the cache (positions [0, num_computed)).
@@ -43,8 +43,8 @@ struct Sequence {
   // after a preemption everything recomputed in one go.
   int64_t prompt_tokens = 0;
   std::vector<int32_t> block_table;
-  // Bounded policies reserve their most blocks at admission; full-cache
-  // sequences reserve nothing and allocate as they grow.
+  // Blocks reserved at admission (see `reserve`); others allocate as they
+  // grow.
   int64_t reserved_blocks = 0;
   int64_t preemptions = 0;
   FinishReason finish = FinishReason::kNone;
@@ -56,7 +56,10 @@ struct Sequence {
     return state == SequenceState::kFinished || state == SequenceState::kCancelled ||
            state == SequenceState::kFailed;
   }
-  bool reserves() const { return request.kv.kind != KvPolicyKind::kFull; }
+  // Whether admission reserves the most blocks the sequence can ever hold
+  // (bounded policies always; `full` under the guaranteed admission).
+  bool reserve = false;
+  bool reserves() const { return reserve; }
 };
 
 }  // namespace morphserve::scheduler

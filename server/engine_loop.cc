@@ -24,7 +24,7 @@ EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options)
       executor_(model, &pool_, options.num_blocks, options.block_size,
                 {.reference_kernels = options.reference_kernels}),
       scheduler_({options.num_blocks, options.block_size, options.max_num_seqs,
-                  options.max_num_batched_tokens}) {
+                  options.max_num_batched_tokens, options.full_admission}) {
   stats_.total_blocks = options.num_blocks;
   stats_.free_blocks = options.num_blocks;
   started_ = Clock::now();

@@ -35,6 +35,7 @@ struct EngineOptions {
   int64_t block_size = 16;
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
+  scheduler::FullAdmission full_admission = scheduler::FullAdmission::kOptimistic;
   int threads = 0;  // 0: all cores
   bool reference_kernels = false;
   bool record_timeline = false;  // keep one StepSample per step (benchmarks)

@@ -1,6 +1,7 @@
 #include "server/cli/engine_flags.h"
 
 #include "common/status.h"
+#include "common/strings.h"
 #include "engine/backend/backend_registry.h"
 #include "server/cli/kv_options.h"
 
@@ -11,6 +12,9 @@ void AddEngineFlags(ArgParser& p, EngineFlags* f) {
   p.AddInt("max-num-seqs", &f->max_num_seqs, "most sequences in one step");
   p.AddInt("max-num-batched-tokens", &f->max_num_batched_tokens,
            "most tokens in one step (prompts are prefilled in chunks)");
+  p.AddString("full-admission", &f->full_admission,
+              "full-cache requests: optimistic (grow, preempt when the pool runs dry) or "
+              "guaranteed (reserve prompt + max_new_tokens at admission, never preempted)");
   p.AddInt("block-size", &f->block_size, "KV cache block size in tokens");
   p.AddInt("kv-cache-blocks", &f->kv_cache_blocks, "KV pool size in blocks (overrides memory)");
   p.AddString("kv-cache-memory", &f->kv_cache_memory, "KV pool size, e.g. 1GiB or 512MiB");
@@ -29,6 +33,12 @@ absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& 
   o.block_size = f.block_size;
   o.max_num_seqs = f.max_num_seqs;
   o.max_num_batched_tokens = f.max_num_batched_tokens;
+  if (f.full_admission == "guaranteed") {
+    o.full_admission = scheduler::FullAdmission::kGuaranteed;
+  } else if (f.full_admission != "optimistic") {
+    return absl::InvalidArgumentError(
+        StrCat("--full-admission: unknown '", f.full_admission, "' (optimistic or guaranteed)"));
+  }
   o.threads = static_cast<int>(f.threads);
   ASSIGN_OR_RETURN(o.num_blocks,
                    KvPoolBlocks(config, f.block_size, f.kv_cache_blocks, f.kv_cache_memory));

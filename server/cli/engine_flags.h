@@ -17,6 +17,7 @@ struct EngineFlags {
   std::string device = "auto";
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
+  std::string full_admission = "optimistic";
   int64_t block_size = 16;
   int64_t kv_cache_blocks = 0;
   std::string kv_cache_memory = "1GiB";

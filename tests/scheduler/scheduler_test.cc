@@ -173,6 +173,34 @@ TEST(SchedulerTest, PreemptionTakesTheMostRecentlyAdmittedAndRecomputesIt) {
   }
 }
 
+// Guaranteed admission reserves a full-cache request's most blocks
+// (prompt + max_new_tokens - 1 slots) up front: the pool that preempted in
+// the test above now admits one request at a time and never preempts.
+TEST(SchedulerTest, GuaranteedFullAdmissionReservesTheMostAndNeverPreempts) {
+  Harness h({.num_blocks = 6,
+             .block_size = 4,
+             .max_num_seqs = 8,
+             .max_num_batched_tokens = 64,
+             .full_admission = FullAdmission::kGuaranteed});
+  ASSERT_TRUE(h.s.Add(Request(1, 4, 16)).ok());  // 19 slots: 5 blocks
+  ASSERT_TRUE(h.s.Add(Request(2, 4, 16)).ok());
+  EXPECT_EQ(h.Step(), (Planned{{1, 4}}));  // 2 waits: 1 block would be left, it needs 5
+  EXPECT_EQ(h.s.Find(1)->reserved_blocks, 5);
+  EXPECT_EQ(h.s.Find(2)->state, SequenceState::kQueued);
+  while (h.finished.size() < 2) {
+    h.Step();
+    EXPECT_TRUE(h.last_preempted.empty());
+    EXPECT_LE(h.s.Stats().used_blocks + h.s.Stats().reserved_blocks, 6);
+  }
+  EXPECT_EQ(h.s.Stats().preemptions, 0);
+  for (int64_t id : {1, 2}) {
+    ASSERT_EQ(h.tokens[id].size(), 16u);
+    EXPECT_EQ(h.tokens[id].back(), 1000 * id + 4 + 15);
+  }
+  // One that could never fit is still refused at once.
+  EXPECT_EQ(h.s.Add(Request(3, 4, 40)).code(), absl::StatusCode::kResourceExhausted);
+}
+
 TEST(SchedulerTest, CancelMidDecodeReturnsBlocksAtOnce) {
   Harness h({.num_blocks = 40, .block_size = 4, .max_num_seqs = 8, .max_num_batched_tokens = 64});
   ASSERT_TRUE(h.s.Add(Request(1, 9, 100)).ok());
@@ -251,14 +279,19 @@ TEST(SchedulerTest, RefusesWhatCouldNeverFitAndBadRequests) {
 // exactly once, bounded requests are never preempted, nothing starves.
 TEST(SchedulerTest, RandomizedRunsKeepTheAccounting) {
   int64_t preemptions = 0;
-  for (uint32_t seed = 1; seed <= 20; ++seed) {
+  // Seeds past 20 admit full-cache requests with guaranteed reservations.
+  for (uint32_t seed = 1; seed <= 30; ++seed) {
     std::mt19937 rng(seed);
-    Harness h({.num_blocks = 40, .block_size = 4, .max_num_seqs = 6,
-               .max_num_batched_tokens = 24});
+    const bool guaranteed = seed > 20;
+    Harness h(
+        {.num_blocks = 40,
+         .block_size = 4,
+         .max_num_seqs = 6,
+         .max_num_batched_tokens = 24,
+         .full_admission = guaranteed ? FullAdmission::kGuaranteed : FullAdmission::kOptimistic});
     std::set<int64_t> added, bounded;
     int64_t next_id = 1;
-    for (int step = 0; step < 3000 && (next_id <= 60 || h.finished.size() < added.size());
-         ++step) {
+    for (int step = 0; step < 3000 && (next_id <= 60 || h.finished.size() < added.size()); ++step) {
       if (next_id <= 60 && rng() % 3 == 0) {
         const int64_t prompt = 1 + rng() % 30, max_new = 1 + rng() % 60;
         SequenceRequest r = Request(next_id, prompt, max_new, static_cast<int32_t>(rng() % 3));
@@ -280,13 +313,15 @@ TEST(SchedulerTest, RandomizedRunsKeepTheAccounting) {
         if (h.s.Cancel(victim)) h.finished[victim] = FinishReason::kCancelled;
       }
       h.Step();
-      for (int64_t id : h.last_preempted) EXPECT_FALSE(bounded.contains(id)) << id;
+      for (int64_t id : h.last_preempted) {
+        EXPECT_FALSE(guaranteed || bounded.contains(id)) << id;
+      }
       if (HasFailure()) return;
     }
     EXPECT_EQ(h.finished.size(), added.size()) << "seed " << seed << ": some never finished";
     EXPECT_EQ(h.s.Stats().used_blocks, 0);
     EXPECT_EQ(h.s.Stats().reserved_blocks, 0);
-    preemptions += h.s.Stats().preemptions;
+    if (!guaranteed) preemptions += h.s.Stats().preemptions;
   }
   EXPECT_GT(preemptions, 0) << "the runs never exercised preemption";
 }

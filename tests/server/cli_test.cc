@@ -218,7 +218,7 @@ TEST(CliTest, KvPolicyBoundsTheCacheAndReportsUsage) {
 }
 
 // --device picks the backend; one this build cannot run is an error naming
-// the flag, before anything is served.
+// the flag, before anything is served. So is an unknown --full-admission.
 TEST(CliTest, DeviceFlagSelectsABackendOrSaysWhyNot) {
   const std::string prompts = ::testing::TempDir() + "/device_prompts.txt";
   std::ofstream(prompts) << "hello\n";
@@ -229,6 +229,9 @@ TEST(CliTest, DeviceFlagSelectsABackendOrSaysWhyNot) {
     EXPECT_EQ(r.exit_code, 1) << device;
     EXPECT_THAT(r.out, HasSubstr("--device")) << device;
   }
+  const Result admission = RunCli(base + "--full-admission sometimes", true);
+  EXPECT_EQ(admission.exit_code, 1);
+  EXPECT_THAT(admission.out, HasSubstr("--full-admission"));
   const Result serve =
       RunCli("serve --port 0 --metrics-port -1 --device tpu --model " + kTinyModel, true);
   EXPECT_EQ(serve.exit_code, 1);
