@@ -11,6 +11,9 @@
 //   3. the rows fused per candidate by sum or max;
 //   4. the victim is the candidate with the lowest fused score, the smaller
 //      position on a tie (the older token goes first).
+// That victim is the steady-state choice, one eviction per step; the first
+// selection, which keeps the best C+1-W candidates at once, ranks the
+// scores instead (and group-max-prob aggregation is CPU-only for now).
 // Both fusions are symmetric in the rows, so their order does not matter
 // (a ring of queries indexed by position % W is fine).
 //
