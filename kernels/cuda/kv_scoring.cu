@@ -1,0 +1,465 @@
+#include "kernels/cuda/kv_scoring.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/launch_internal.h"
+#include "kernels/cuda/reduce_internal.cuh"
+
+namespace morphserve::kernels::cuda {
+namespace {
+
+using internal::Require;
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / internal::kWarpSize;
+constexpr int kPartition = static_cast<int>(kScoringPartitionSize);
+// Window rows scored per pass over a partition's keys: their summed queries
+// sit in shared memory and each thread keeps one logit per row in
+// registers. Longer windows take several passes.
+constexpr int kRowChunk = 32;
+// bf16 values per 16-byte load.
+constexpr int kVec = 8;
+
+struct Params {
+  const __nv_bfloat16* k_cache;
+  const int32_t* block_tables;
+  int64_t block_table_stride;
+  const int32_t* num_slots;
+  const int32_t* recent_from;
+  const int32_t* positions;
+  int64_t positions_stride;
+  int sinks;
+  int max_slots;
+  int max_partitions;  // partitions per (sequence, KV head) in the scratch
+  int block_size;
+  int num_kv_heads;
+  int group;  // query heads per KV head
+  int window;
+  bool max_fusion;
+  float scale;
+  const __nv_bfloat16* q;
+  int64_t q_seq_stride;
+  int64_t q_row_stride;
+  int32_t* victims;
+  float* scores;
+  int64_t scores_stride;
+  // Scratch, indexed by (seq * num_kv_heads + kv_head) * max_partitions +
+  // partition: per window row (times window, plus the row), the partition's
+  // largest candidate logit and its sum of exp(logit - that maximum); and
+  // the partition's lowest candidate.
+  float* part_max;
+  float* part_sum;
+  float* best_score;
+  int32_t* best_pos;
+  int32_t* best_slot;
+};
+
+__host__ __device__ __forceinline__ int NumPartitions(int slots) {
+  return slots <= kPartition ? 1 : (slots + kPartition - 1) / kPartition;
+}
+
+__device__ __forceinline__ int NumSlots(const Params& p, int seq) {
+  return min(max(p.num_slots[seq], 0), p.max_slots);
+}
+
+__device__ __forceinline__ int64_t Unit(const Params& p, int seq, int kv_head) {
+  return static_cast<int64_t>(seq) * p.num_kv_heads + kv_head;
+}
+
+// A candidate's fused score and position, and its slot; slot -1 for none.
+struct Choice {
+  float score;
+  int pos;
+  int slot;
+};
+
+__device__ __forceinline__ Choice NoChoice() { return {INFINITY, INT_MAX, -1}; }
+
+// The one evicted first of two: the lower score, or on a tie the older token.
+__device__ __forceinline__ Choice Lower(const Choice& a, const Choice& b) {
+  const bool b_first = b.score < a.score || (b.score == a.score && b.pos < a.pos);
+  return b_first ? b : a;
+}
+
+__device__ __forceinline__ Choice WarpLowest(Choice c) {
+#pragma unroll
+  for (int offset = internal::kWarpSize / 2; offset > 0; offset /= 2) {
+    const Choice other = {__shfl_xor_sync(internal::kFullMask, c.score, offset),
+                          __shfl_xor_sync(internal::kFullMask, c.pos, offset),
+                          __shfl_xor_sync(internal::kFullMask, c.slot, offset)};
+    c = Lower(c, other);
+  }
+  return c;
+}
+
+// The lowest over the block, in thread 0; every thread must call it.
+__device__ __forceinline__ Choice BlockLowest(Choice c, Choice* warp_best) {
+  c = WarpLowest(c);
+  const int lane = static_cast<int>(threadIdx.x) % internal::kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / internal::kWarpSize;
+  if (lane == 0) warp_best[warp] = c;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kWarps; ++w) c = Lower(c, warp_best[w]);
+  }
+  return c;
+}
+
+// An exp sum taken relative to `local_max`, made relative to `global_max`;
+// 0 for a part with no candidate (sum 0, local_max -inf).
+__device__ __forceinline__ float Rescaled(float sum, float local_max, float global_max) {
+  return sum > 0.0f ? sum * expf(local_max - global_max) : 0.0f;
+}
+
+// pos[i]: the position of slot start + i if it is a candidate, else -1.
+__device__ __forceinline__ void MarkCandidates(const Params& p, int seq, int kv_head, int start,
+                                               int n, int* pos) {
+  const int32_t* positions =
+      p.positions == nullptr ? nullptr : p.positions + Unit(p, seq, kv_head) * p.positions_stride;
+  const int recent_from = p.recent_from[seq];
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += kThreads) {
+    const int slot = start + i;
+    const int position = positions == nullptr ? slot : positions[slot];
+    pos[i] = position >= p.sinks && position < recent_from ? position : -1;
+  }
+}
+
+// q[r] = scale * the sum of the group's query heads in window row r0 + r.
+template <int kHeadDim>
+__device__ __forceinline__ void LoadQueries(const Params& p, int seq, int kv_head, int r0, int rows,
+                                            float (*q)[kHeadDim]) {
+  const __nv_bfloat16* base =
+      p.q + seq * p.q_seq_stride + static_cast<int64_t>(kv_head) * p.group * kHeadDim;
+  for (int i = static_cast<int>(threadIdx.x); i < rows * kHeadDim; i += kThreads) {
+    const int r = i / kHeadDim;
+    const int d = i % kHeadDim;
+    const __nv_bfloat16* head = base + (r0 + r) * p.q_row_stride + d;
+    float sum = 0.0f;
+    for (int g = 0; g < p.group; ++g) sum += __bfloat162float(head[g * kHeadDim]);
+    q[r][d] = sum * p.scale;
+  }
+}
+
+// The 8 bf16 at `src` (16-byte aligned) as f32: a bf16 is the high half of
+// the f32 with the same bits.
+__device__ __forceinline__ void LoadVec(const __nv_bfloat16* src, float (&dst)[kVec]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    dst[2 * i] = __uint_as_float(words[i] << 16);
+    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+// Thread mapping of both scoring kernels. Grid: (partition, KV head,
+// sequence). Threads work in rows of kRowThreads consecutive lanes, each
+// lane holding 8 of the head_dim values, so one row of threads reads one
+// cache row (coalesced) and kRowsAtOnce slots are in flight per block. For
+// its slot, a thread row computes the logit of every window row of the
+// chunk, reduced by shuffles within the row, so all its lanes end with all
+// of them; the per-row work after that is spread over the lanes, lane l
+// taking the rows r with r % kRowThreads == l.
+template <int kHeadDim>
+__device__ __forceinline__ void SlotLogits(const Params& p, const int32_t* table, int kv_head,
+                                           int slot, bool valid, int dim0, int rows,
+                                           const float (*q)[kHeadDim], float (&logits)[kRowChunk]) {
+  constexpr int kRowThreads = kHeadDim / kVec;
+  float k[kVec] = {};
+  if (valid) {
+    const int64_t block = table[slot / p.block_size];
+    const int64_t offset = slot % p.block_size;
+    LoadVec(
+        p.k_cache + ((block * p.num_kv_heads + kv_head) * p.block_size + offset) * kHeadDim + dim0,
+        k);
+  }
+#pragma unroll
+  for (int r = 0; r < kRowChunk; ++r) {
+    // `rows` is the same for the whole block, so no lane misses a shuffle.
+    if (r < rows) {
+      const float4 a = *reinterpret_cast<const float4*>(&q[r][dim0]);
+      const float4 b = *reinterpret_cast<const float4*>(&q[r][dim0 + 4]);
+      const float dot = a.x * k[0] + a.y * k[1] + a.z * k[2] + a.w * k[3] + b.x * k[4] +
+                        b.y * k[5] + b.z * k[6] + b.w * k[7];
+      logits[r] = internal::WarpSum<kRowThreads>(dot);
+    }
+  }
+}
+
+// Pass a: each row's largest logit and exp sum over the partition's
+// candidates, kept online per thread row and then combined.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
+  constexpr int kRowThreads = kHeadDim / kVec;
+  constexpr int kRowsAtOnce = kThreads / kRowThreads;
+  static_assert(kRowThreads <= internal::kWarpSize && kThreads % kRowThreads == 0);
+
+  const int partition = static_cast<int>(blockIdx.x);
+  const int kv_head = static_cast<int>(blockIdx.y);
+  const int seq = static_cast<int>(blockIdx.z);
+  const int slots = NumSlots(p, seq);
+  // The same for the whole block, so no thread is left waiting at a barrier.
+  if (partition >= NumPartitions(slots)) return;
+  const int start = partition * kPartition;
+  const int n = min(kPartition, slots - start);  // 0 only when there are no slots
+
+  __shared__ __align__(16) float q[kRowChunk][kHeadDim];
+  __shared__ int pos[kPartition];
+  __shared__ float run_max[kRowsAtOnce][kRowChunk];
+  __shared__ float run_sum[kRowsAtOnce][kRowChunk];
+
+  MarkCandidates(p, seq, kv_head, start, n, pos);
+  const int lane_in_row = static_cast<int>(threadIdx.x) % kRowThreads;
+  const int row = static_cast<int>(threadIdx.x) / kRowThreads;
+  const int dim0 = lane_in_row * kVec;
+  const int32_t* table = p.block_tables + seq * p.block_table_stride;
+  const int64_t stats_at =
+      (Unit(p, seq, kv_head) * p.max_partitions + partition) * static_cast<int64_t>(p.window);
+
+  for (int r0 = 0; r0 < p.window; r0 += kRowChunk) {
+    const int rows = min(kRowChunk, p.window - r0);
+    LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
+    for (int i = static_cast<int>(threadIdx.x); i < kRowsAtOnce * kRowChunk; i += kThreads) {
+      run_max[i / kRowChunk][i % kRowChunk] = -INFINITY;
+      run_sum[i / kRowChunk][i % kRowChunk] = 0.0f;
+    }
+    __syncthreads();
+    // Every thread runs the same number of iterations: the shuffles need
+    // their whole warp.
+    for (int j0 = 0; j0 < n; j0 += kRowsAtOnce) {
+      const int j = j0 + row;
+      const bool candidate = j < n && pos[j] >= 0;
+      float logits[kRowChunk] = {};
+      SlotLogits<kHeadDim>(p, table, kv_head, start + j, j < n, dim0, rows, q, logits);
+#pragma unroll
+      for (int r = 0; r < kRowChunk; ++r) {
+        if (candidate && r < rows && r % kRowThreads == lane_in_row) {
+          const float m = run_max[row][r];
+          const float l = logits[r];
+          if (l > m) {
+            run_sum[row][r] = run_sum[row][r] * expf(m - l) + 1.0f;
+            run_max[row][r] = l;
+          } else {
+            run_sum[row][r] += expf(l - m);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
+      float m = -INFINITY;
+      for (int t = 0; t < kRowsAtOnce; ++t) m = fmaxf(m, run_max[t][r]);
+      float sum = 0.0f;
+      for (int t = 0; t < kRowsAtOnce; ++t) sum += Rescaled(run_sum[t][r], run_max[t][r], m);
+      p.part_max[stats_at + r0 + r] = m;
+      p.part_sum[stats_at + r0 + r] = sum;
+    }
+    __syncthreads();  // q and the running statistics are refilled next chunk
+  }
+}
+
+// Pass b: the probabilities under the global per-row softmax, fused over
+// the rows; the partition's scores and its lowest candidate.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
+  constexpr int kRowThreads = kHeadDim / kVec;
+  constexpr int kRowsAtOnce = kThreads / kRowThreads;
+
+  const int partition = static_cast<int>(blockIdx.x);
+  const int kv_head = static_cast<int>(blockIdx.y);
+  const int seq = static_cast<int>(blockIdx.z);
+  const int slots = NumSlots(p, seq);
+  const int partitions = NumPartitions(slots);
+  if (partition >= partitions) return;
+  const int start = partition * kPartition;
+  const int n = min(kPartition, slots - start);
+
+  __shared__ __align__(16) float q[kRowChunk][kHeadDim];
+  __shared__ int pos[kPartition];
+  __shared__ float fused[kPartition];
+  __shared__ float row_max[kRowChunk];
+  __shared__ float row_inv[kRowChunk];
+  __shared__ Choice warp_best[kWarps];
+
+  MarkCandidates(p, seq, kv_head, start, n, pos);
+  // Probabilities are >= 0, so 0 is the identity of both sum and max.
+  for (int i = static_cast<int>(threadIdx.x); i < kPartition; i += kThreads) fused[i] = 0.0f;
+  const int lane_in_row = static_cast<int>(threadIdx.x) % kRowThreads;
+  const int row = static_cast<int>(threadIdx.x) / kRowThreads;
+  const int dim0 = lane_in_row * kVec;
+  const int32_t* table = p.block_tables + seq * p.block_table_stride;
+  const int64_t unit = Unit(p, seq, kv_head);
+  const int64_t stats_base = unit * p.max_partitions * p.window;
+
+  for (int r0 = 0; r0 < p.window; r0 += kRowChunk) {
+    const int rows = min(kRowChunk, p.window - r0);
+    LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
+    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
+      const float* maxes = p.part_max + stats_base + r0 + r;
+      const float* sums = p.part_sum + stats_base + r0 + r;
+      float m = -INFINITY;
+      for (int i = 0; i < partitions; ++i) m = fmaxf(m, maxes[i * p.window]);
+      float z = 0.0f;
+      for (int i = 0; i < partitions; ++i) {
+        z += Rescaled(sums[i * p.window], maxes[i * p.window], m);
+      }
+      row_max[r] = m;
+      row_inv[r] = z > 0.0f ? 1.0f / z : 0.0f;
+    }
+    __syncthreads();
+    for (int j0 = 0; j0 < n; j0 += kRowsAtOnce) {
+      const int j = j0 + row;
+      const bool candidate = j < n && pos[j] >= 0;
+      float logits[kRowChunk] = {};
+      SlotLogits<kHeadDim>(p, table, kv_head, start + j, j < n, dim0, rows, q, logits);
+      float part = 0.0f;  // this lane's rows
+#pragma unroll
+      for (int r = 0; r < kRowChunk; ++r) {
+        if (candidate && r < rows && r % kRowThreads == lane_in_row) {
+          const float prob = expf(logits[r] - row_max[r]) * row_inv[r];
+          part = p.max_fusion ? fmaxf(part, prob) : part + prob;
+        }
+      }
+      part = p.max_fusion ? internal::WarpMax<kRowThreads>(part)
+                          : internal::WarpSum<kRowThreads>(part);
+      // Slot j always falls to the same thread row, so no other thread
+      // touches fused[j] until the barrier below.
+      if (candidate && lane_in_row == 0) {
+        fused[j] = p.max_fusion ? fmaxf(fused[j], part) : fused[j] + part;
+      }
+    }
+    __syncthreads();  // q and the row statistics are refilled next chunk
+  }
+
+  float* scores = p.scores == nullptr ? nullptr : p.scores + unit * p.scores_stride + start;
+  Choice best = NoChoice();
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += kThreads) {
+    const float score = pos[i] >= 0 ? fused[i] : 0.0f;
+    if (scores != nullptr) scores[i] = score;
+    if (pos[i] >= 0) best = Lower(best, Choice{score, pos[i], start + i});
+  }
+  best = BlockLowest(best, warp_best);
+  if (threadIdx.x == 0) {
+    const int64_t at = unit * p.max_partitions + partition;
+    p.best_score[at] = best.score;
+    p.best_pos[at] = best.pos;
+    p.best_slot[at] = best.slot;
+  }
+}
+
+// Pass c. Grid: (KV head, sequence), one warp: the lowest of the
+// partitions' candidates.
+__global__ void __launch_bounds__(internal::kWarpSize) VictimKernel(const Params p) {
+  const int kv_head = static_cast<int>(blockIdx.x);
+  const int seq = static_cast<int>(blockIdx.y);
+  const int partitions = NumPartitions(NumSlots(p, seq));
+  const int64_t unit = Unit(p, seq, kv_head);
+  const int64_t base = unit * p.max_partitions;
+  Choice best = NoChoice();
+  for (int i = static_cast<int>(threadIdx.x); i < partitions; i += internal::kWarpSize) {
+    best = Lower(best, Choice{p.best_score[base + i], p.best_pos[base + i], p.best_slot[base + i]});
+  }
+  best = WarpLowest(best);
+  if (threadIdx.x == 0) p.victims[unit] = best.slot;
+}
+
+template <int kHeadDim>
+absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(p.max_partitions), static_cast<unsigned>(p.num_kv_heads),
+                  static_cast<unsigned>(num_seqs));
+  RowStatsKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
+  RETURN_IF_ERROR(LaunchStatus("MorphKvRowStatsKernel"));
+  FuseKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
+  RETURN_IF_ERROR(LaunchStatus("MorphKvFuseKernel"));
+  const dim3 victim_grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(num_seqs));
+  VictimKernel<<<victim_grid, internal::kWarpSize, 0, stream>>>(p);
+  return LaunchStatus("MorphKvVictimKernel");
+}
+
+bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+}  // namespace
+
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
+                                  int64_t max_slots) {
+  const int64_t partitions = max_slots <= kScoringPartitionSize
+                                 ? 1
+                                 : (max_slots + kScoringPartitionSize - 1) / kScoringPartitionSize;
+  const int64_t units = std::max<int64_t>(num_seqs * num_kv_heads * partitions, 1);
+  // Row maxima and exp sums, then the best scores, positions and slots.
+  return static_cast<size_t>(units * (2 * window + 3)) * sizeof(float);
+}
+
+absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat16* q,
+                                  int64_t q_seq_stride, int64_t q_row_stride, int32_t* victims,
+                                  float* scores, int64_t scores_stride, void* scratch,
+                                  cudaStream_t stream) {
+  constexpr const char* kName = "MorphKvSelectVictims";
+  // Grid dimensions y and z stop at 65535.
+  RETURN_IF_ERROR(Require(a.num_seqs >= 0 && a.num_seqs <= 65535, kName, "0 <= num_seqs <= 65535"));
+  RETURN_IF_ERROR(Require(a.num_kv_heads > 0 && a.num_kv_heads <= 65535 && a.num_heads > 0 &&
+                              a.num_heads % a.num_kv_heads == 0,
+                          kName, "0 < num_kv_heads <= 65535 dividing num_heads"));
+  RETURN_IF_ERROR(Require(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256, kName,
+                          "head_dim 64, 128 or 256"));
+  RETURN_IF_ERROR(
+      Require(a.block_size > 0 && a.block_size <= (1 << 20) && a.block_table_stride >= 0, kName,
+              "0 < block_size <= 2^20 and block_table_stride >= 0"));
+  RETURN_IF_ERROR(Require(a.max_slots >= 0 && a.max_slots <= (int64_t{1} << 30), kName,
+                          "0 <= max_slots <= 2^30"));
+  RETURN_IF_ERROR(Require(a.window > 0 && a.window <= (1 << 20), kName, "0 < window <= 2^20"));
+  RETURN_IF_ERROR(Require(a.sinks >= 0 && a.sinks <= INT_MAX, kName, "0 <= sinks < 2^31"));
+  RETURN_IF_ERROR(Require(a.positions == nullptr || a.positions_stride >= a.max_slots, kName,
+                          "positions_stride >= max_slots"));
+  RETURN_IF_ERROR(Require(q_row_stride >= a.num_heads * a.head_dim && q_seq_stride >= 0, kName,
+                          "q_row_stride >= num_heads * head_dim and q_seq_stride >= 0"));
+  RETURN_IF_ERROR(Require(scores == nullptr || scores_stride >= a.max_slots, kName,
+                          "scores_stride >= max_slots"));
+  RETURN_IF_ERROR(Require(Aligned16(a.k_cache), kName, "a 16-byte aligned key cache"));
+  RETURN_IF_ERROR(Require(scratch != nullptr && Aligned16(scratch), kName,
+                          "16-byte aligned scratch of MorphKvScoringScratchBytes()"));
+  if (a.num_seqs == 0) return absl::OkStatus();
+
+  Params p;
+  p.k_cache = a.k_cache;
+  p.block_tables = a.block_tables;
+  p.block_table_stride = a.block_table_stride;
+  p.num_slots = a.num_slots;
+  p.recent_from = a.recent_from;
+  p.positions = a.positions;
+  p.positions_stride = a.positions_stride;
+  p.sinks = static_cast<int>(a.sinks);
+  p.max_slots = static_cast<int>(a.max_slots);
+  p.max_partitions = NumPartitions(p.max_slots);
+  p.block_size = static_cast<int>(a.block_size);
+  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
+  p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
+  p.window = static_cast<int>(a.window);
+  p.max_fusion = a.max_fusion;
+  p.scale = a.scale;
+  p.q = q;
+  p.q_seq_stride = q_seq_stride;
+  p.q_row_stride = q_row_stride;
+  p.victims = victims;
+  p.scores = scores;
+  p.scores_stride = scores_stride;
+  const int64_t units = a.num_seqs * a.num_kv_heads * p.max_partitions;
+  p.part_max = static_cast<float*>(scratch);
+  p.part_sum = p.part_max + units * a.window;
+  p.best_score = p.part_sum + units * a.window;
+  p.best_pos = reinterpret_cast<int32_t*>(p.best_score + units);
+  p.best_slot = p.best_pos + units;
+  switch (a.head_dim) {
+    case 64:
+      return Launch<64>(p, a.num_seqs, stream);
+    case 128:
+      return Launch<128>(p, a.num_seqs, stream);
+    default:
+      return Launch<256>(p, a.num_seqs, stream);
+  }
+}
+
+}  // namespace morphserve::kernels::cuda

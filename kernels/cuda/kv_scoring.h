@@ -1,0 +1,102 @@
+// MorphKV's per-step victim choice on the GPU, for a batch of sequences and
+// every KV head of one layer: the GPU counterpart of what the CPU path does
+// with kernels/cpu/kv_scoring.h in KvSequence (group-logit-sum aggregation).
+//
+// For sequence s and KV head h, with G = num_heads / num_kv_heads:
+//   1. each of the W window rows r has the query Q_r = sum of the G query
+//      heads of h (bf16, summed in f32), so its logit against slot j is
+//      scale * Q_r . K_j, the sum of the group's logits;
+//   2. a softmax per row over the candidate slots only: j < num_slots[s]
+//      whose position p has sinks <= p < recent_from[s];
+//   3. the rows fused per candidate by sum or max;
+//   4. the victim is the candidate with the lowest fused score, the smaller
+//      position on a tie (the older token goes first).
+// That victim is the steady-state choice, one eviction per step; the first
+// selection, which keeps the best C+1-W candidates at once, ranks the
+// scores instead (and group-max-prob aggregation is CPU-only for now).
+// Both fusions are symmetric in the rows, so their order does not matter
+// (a ring of queries indexed by position % W is fine).
+//
+// Slots are split into partitions of kScoringPartitionSize, each scored by
+// its own thread block, in three kernels:
+//   a. per partition and row: the largest logit and the sum of
+//      exp(logit - that maximum) over the partition's candidates;
+//   b. per partition: the global per-row maximum M_r and denominator
+//      Z_r = sum over partitions of sum_p * exp(max_p - M_r), from a's
+//      results; then the logits again (keys re-read, mostly from L2, rather
+//      than W logits per slot kept in memory), probabilities
+//      exp(logit - M_r) / Z_r fused over the rows, and the partition's
+//      lowest candidate;
+//   c. per (sequence, KV head): the lowest of the partitions' candidates.
+// A softmax row needs every partition's denominator before any probability
+// is final, hence the split between a and b.
+//
+// Device pointers; work is queued on `stream` and the returned status covers
+// argument checks and the launches. The engine thread owns the scratch.
+#ifndef MORPHSERVE_KERNELS_CUDA_KV_SCORING_H_
+#define MORPHSERVE_KERNELS_CUDA_KV_SCORING_H_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "absl/status/status.h"
+
+namespace morphserve::kernels::cuda {
+
+// Cache slots scored by one thread block.
+inline constexpr int64_t kScoringPartitionSize = 256;
+
+struct MorphKvScoringArgs {
+  // One layer's key cache, [block][kv_head][slot][head_dim] bf16, 16-byte
+  // aligned.
+  const __nv_bfloat16* k_cache = nullptr;
+  // int32 [num_seqs][block_table_stride], as in PagedAttentionArgs.
+  const int32_t* block_tables = nullptr;
+  int64_t block_table_stride = 0;
+  // int32 [num_seqs]: sequence s holds slots [0, num_slots[s]) (cut to
+  // max_slots); 0 for a sequence that evicts nothing this step.
+  const int32_t* num_slots = nullptr;
+  // int32 [num_seqs]: the first position of the recent window, t - W for
+  // the next token t; it and later positions are never candidates.
+  const int32_t* recent_from = nullptr;
+  // int32 [num_seqs][num_kv_heads][positions_stride]: the position of the
+  // token in each slot; null while positions equal slots (before the first
+  // eviction).
+  const int32_t* positions = nullptr;
+  int64_t positions_stride = 0;
+  // Positions below this are never candidates (0 for MorphKV).
+  int64_t sinks = 0;
+  // Host-side bound on num_slots; it sets the launch shape and the scratch.
+  int64_t max_slots = 0;
+  int64_t num_seqs = 0;
+  int64_t block_size = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;  // divides num_heads
+  int64_t head_dim = 0;      // 64, 128 or 256
+  int64_t window = 0;        // W, the query rows per sequence
+  bool max_fusion = false;   // fuse rows by max instead of sum
+  float scale = 1.0f;
+};
+
+// Device scratch for these sizes (never 0).
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
+                                  int64_t max_slots);
+
+// victims[s * num_kv_heads + h]: the slot to evict for sequence s and KV
+// head h, or -1 when it has no candidate. q: bf16, row r of sequence s is
+// [num_heads][head_dim] at q + s * q_seq_stride + r * q_row_stride. scores,
+// when not null: f32 [num_seqs][num_kv_heads][scores_stride], the fused
+// score of every slot below num_slots[s] (0 for a non-candidate, as on the
+// CPU), for the first selection's ranking and for tests. scratch:
+// MorphKvScoringScratchBytes() bytes of device memory, 16-byte aligned.
+absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& args, const __nv_bfloat16* q,
+                                  int64_t q_seq_stride, int64_t q_row_stride, int32_t* victims,
+                                  float* scores, int64_t scores_stride, void* scratch,
+                                  cudaStream_t stream);
+
+}  // namespace morphserve::kernels::cuda
+
+#endif  // MORPHSERVE_KERNELS_CUDA_KV_SCORING_H_
