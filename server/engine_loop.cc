@@ -223,7 +223,6 @@ void EngineLoop::Run() {
     const std::vector<scheduler::TokenEvent> events = scheduler_.Update(result);
     const Clock::time_point done = Clock::now();
     int64_t new_tokens = 0;
-    std::vector<double> gaps;  // inter-token latencies of this step
     for (size_t i = 0; i < outputs.size(); ++i) {
       engine::TokenOutput& out = outputs[i];
       if (out.token < 0) continue;
@@ -233,7 +232,7 @@ void EngineLoop::Run() {
       if (!live.first_token) {
         live.first_token = done;
       } else {
-        gaps.push_back(Seconds(done - live.last_token));
+        token_gaps_.push_back(Seconds(done - live.last_token));
       }
       live.last_token = done;
       StreamEvent e;
@@ -245,10 +244,6 @@ void EngineLoop::Run() {
     }
     for (const scheduler::TokenEvent& e : events) {
       if (e.finish != FinishReason::kNone) Finish(e.seq_id, e.finish, absl::OkStatus());
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (double gap : gaps) stats_.inter_token_latency.Observe(gap);
     }
     PublishStats(static_cast<int64_t>(plan.sequences.size()), decoding, new_tokens,
                  /*stepped=*/true);
@@ -290,6 +285,8 @@ void EngineLoop::PublishStats(int64_t scheduled, int64_t decoding, int64_t new_t
   }
   ++stats_.steps;
   stats_.batch_size.Observe(static_cast<double>(scheduled));
+  for (double gap : token_gaps_) stats_.inter_token_latency.Observe(gap);
+  token_gaps_.clear();
   if (decoding > 0) {
     ++stats_.decode_steps;
     stats_.decoding_sum += decoding;

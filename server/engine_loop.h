@@ -158,6 +158,9 @@ class EngineLoop {
   bool stop_ = false;
   int64_t next_id_ = 1;
   EngineStats stats_;  // guarded by mu_; updated once per step
+  // Inter-token latencies of the step in flight (engine thread only; kept
+  // to reuse its storage).
+  std::vector<double> token_gaps_;
   // Evictions of requests that have ended, by policy (engine thread only).
   int64_t ended_evicted_[kNumKvPolicies] = {};
   std::vector<StepSample> timeline_;  // guarded by mu_

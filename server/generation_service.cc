@@ -268,7 +268,9 @@ class GenerateReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
         r->Finish(status);
         return;
       }
-      v1::GenerateResponse resp;
+      // Reused from write to write; only touched while no write is in flight.
+      v1::GenerateResponse& resp = r->response_;
+      resp.Clear();
       resp.set_request_id(r->request_id_);
       std::optional<StreamEvent> last;
       bool any = false;
@@ -365,6 +367,7 @@ class GenerateReactor : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
   std::string peer_;
   KvPolicyKind policy_;
   std::chrono::steady_clock::time_point started_;
+  v1::GenerateResponse response_;
   grpc::ByteBuffer buffer_;  // the write in flight
 };
 

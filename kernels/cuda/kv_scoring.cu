@@ -6,11 +6,15 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/launch_internal.h"
+#include "kernels/cuda/paged_cache_internal.cuh"
 #include "kernels/cuda/reduce_internal.cuh"
 
 namespace morphserve::kernels::cuda {
 namespace {
 
+using internal::Aligned16;
+using internal::kVec;
+using internal::LoadVec;
 using internal::Require;
 
 constexpr int kThreads = 128;
@@ -20,8 +24,6 @@ constexpr int kPartition = static_cast<int>(kScoringPartitionSize);
 // sit in shared memory and each thread keeps one logit per row in
 // registers. Longer windows take several passes.
 constexpr int kRowChunk = 32;
-// bf16 values per 16-byte load.
-constexpr int kVec = 8;
 
 struct Params {
   const __nv_bfloat16* k_cache;
@@ -143,18 +145,6 @@ __device__ __forceinline__ void LoadQueries(const Params& p, int seq, int kv_hea
   }
 }
 
-// The 8 bf16 at `src` (16-byte aligned) as f32: a bf16 is the high half of
-// the f32 with the same bits.
-__device__ __forceinline__ void LoadVec(const __nv_bfloat16* src, float (&dst)[kVec]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    dst[2 * i] = __uint_as_float(words[i] << 16);
-    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-}
-
 // Thread mapping of both scoring kernels. Grid: (partition, KV head,
 // sequence). Threads work in rows of kRowThreads consecutive lanes, each
 // lane holding 8 of the head_dim values, so one row of threads reads one
@@ -170,11 +160,9 @@ __device__ __forceinline__ void SlotLogits(const Params& p, const int32_t* table
   constexpr int kRowThreads = kHeadDim / kVec;
   float k[kVec] = {};
   if (valid) {
-    const int64_t block = table[slot / p.block_size];
-    const int64_t offset = slot % p.block_size;
-    LoadVec(
-        p.k_cache + ((block * p.num_kv_heads + kv_head) * p.block_size + offset) * kHeadDim + dim0,
-        k);
+    const __nv_bfloat16* row = internal::PagedRow<kHeadDim>(p.k_cache, table, p.block_size,
+                                                            p.num_kv_heads, kv_head, slot);
+    LoadVec(row + dim0, k);
   }
 #pragma unroll
   for (int r = 0; r < kRowChunk; ++r) {
@@ -378,8 +366,6 @@ absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
   VictimKernel<<<victim_grid, internal::kWarpSize, 0, stream>>>(p);
   return LaunchStatus("MorphKvVictimKernel");
 }
-
-bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 

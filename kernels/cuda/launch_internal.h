@@ -17,6 +17,9 @@ inline unsigned GridStrideBlocks(int64_t total, int threads) {
   return static_cast<unsigned>(std::clamp<int64_t>((total + threads - 1) / threads, 1, kMaxBlocks));
 }
 
+// Whether `ptr` allows the kernels' 16-byte vector loads.
+inline bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
 // INVALID_ARGUMENT naming the kernel and the broken requirement unless `ok`.
 inline absl::Status Require(bool ok, const char* kernel, const char* requirement) {
   if (ok) return absl::OkStatus();

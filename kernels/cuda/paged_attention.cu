@@ -5,11 +5,15 @@
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/launch_internal.h"
+#include "kernels/cuda/paged_cache_internal.cuh"
 #include "kernels/cuda/reduce_internal.cuh"
 
 namespace morphserve::kernels::cuda {
 namespace {
 
+using internal::Aligned16;
+using internal::kVec;
+using internal::LoadVec;
 using internal::Require;
 
 constexpr int kThreads = 128;
@@ -19,8 +23,6 @@ constexpr int kPartition = static_cast<int>(kPartitionSize);
 // key and value row is read once for all of them. Larger GQA groups are
 // split over several blocks.
 constexpr int kHeadsPerBlock = 8;
-// bf16 values per 16-byte load.
-constexpr int kVec = 8;
 
 struct Params {
   const __nv_bfloat16* k_cache;
@@ -54,29 +56,6 @@ __host__ __device__ __forceinline__ int NumPartitions(int context_len) {
 
 __device__ __forceinline__ int ContextLen(const Params& p, int seq) {
   return min(max(p.context_lens[seq], 0), p.max_context_len);
-}
-
-// The 8 bf16 at `src` (16-byte aligned) as f32: a bf16 is the high half of
-// the f32 with the same bits.
-__device__ __forceinline__ void LoadVec(const __nv_bfloat16* src, float (&dst)[kVec]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const unsigned words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    dst[2 * i] = __uint_as_float(words[i] << 16);
-    dst[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
-  }
-}
-
-// Row of cache slot `slot` of the sequence whose block table is `table`.
-template <int kHeadDim>
-__device__ __forceinline__ const __nv_bfloat16* CacheRow(const Params& p,
-                                                         const __nv_bfloat16* cache,
-                                                         const int32_t* table, int kv_head,
-                                                         int slot) {
-  const int64_t block = table[slot / p.block_size];
-  const int64_t offset = slot % p.block_size;
-  return cache + ((block * p.num_kv_heads + kv_head) * p.block_size + offset) * kHeadDim;
 }
 
 // Grid: (partition, KV head x head chunk, sequence). A block handles up to
@@ -135,7 +114,11 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Params p)
   for (int j0 = 0; j0 < n; j0 += kRowsAtOnce) {
     const int j = j0 + row;
     float k[kVec] = {};
-    if (j < n) LoadVec(CacheRow<kHeadDim>(p, p.k_cache, table, kv_head, start + j) + dim0, k);
+    if (j < n) {
+      const __nv_bfloat16* key = internal::PagedRow<kHeadDim>(p.k_cache, table, p.block_size,
+                                                              p.num_kv_heads, kv_head, start + j);
+      LoadVec(key + dim0, k);
+    }
 #pragma unroll
     for (int h = 0; h < kHeadsPerBlock; ++h) {
       if (h < heads) {
@@ -174,7 +157,9 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Params p)
   float acc[kHeadsPerBlock][kVec] = {};
   for (int j = row; j < n; j += kRowsAtOnce) {
     float v[kVec];
-    LoadVec(CacheRow<kHeadDim>(p, p.v_cache, table, kv_head, start + j) + dim0, v);
+    const __nv_bfloat16* value = internal::PagedRow<kHeadDim>(p.v_cache, table, p.block_size,
+                                                              p.num_kv_heads, kv_head, start + j);
+    LoadVec(value + dim0, v);
 #pragma unroll
     for (int h = 0; h < kHeadsPerBlock; ++h) {
       if (h < heads) {
@@ -253,8 +238,6 @@ absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
   PagedAttentionReduceKernel<kHeadDim><<<reduce_grid, kHeadDim, 0, stream>>>(p);
   return LaunchStatus("PagedAttentionReduceKernel");
 }
-
-bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 }  // namespace
 

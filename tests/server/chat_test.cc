@@ -26,8 +26,6 @@
 #include "nlohmann/json.hpp"
 #include "tests/server/serve_util.h"
 
-extern char** environ;
-
 namespace morphserve {
 namespace {
 
@@ -36,6 +34,7 @@ using testing::kBinary;
 using testing::kTinyModel;
 using testing::RunCli;
 using testing::ServerProcess;
+using testing::TinyServer;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
@@ -102,16 +101,8 @@ bool WaitUntil(const std::function<bool()>& done) {
   return false;
 }
 
-ServerProcess TinyServer(std::vector<std::string> extra = {}) {
-  std::vector<std::string> args = {
-      "--model", kTinyModel,          "--port", "0",           "--host", "127.0.0.1", "--threads",
-      "1",       "--kv-cache-blocks", "256",    "--log-level", "warn"};
-  args.insert(args.end(), extra.begin(), extra.end());
-  return ServerProcess(args);
-}
-
 TEST(ChatTest, RawRepliesEqualTheGenerateCli) {
-  ServerProcess server = TinyServer();
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0) << "the server did not start";
   const std::vector<std::string> prompts = {"Once upon a time", "The quick brown fox"};
   std::string expected;
@@ -135,7 +126,7 @@ TEST(ChatTest, RawRepliesEqualTheGenerateCli) {
 }
 
 TEST(ChatTest, ChatInputOnAModelWithoutTemplateSuggestsRawAndGoesOn) {
-  ServerProcess server = TinyServer();
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   const Result r = Chat("--server " + Address(server), "hello\n/help\nagain\n");
   EXPECT_EQ(r.exit_code, 0) << r.err;
@@ -147,7 +138,7 @@ TEST(ChatTest, ChatInputOnAModelWithoutTemplateSuggestsRawAndGoesOn) {
 }
 
 TEST(ChatTest, RequestErrorsArePrintedAndTheSessionGoesOn) {
-  ServerProcess server = TinyServer();
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   const Result r =
       Chat("--server " + Address(server) + " --raw --kv-policy lru", "hi\n/quit\nhi\n");
@@ -188,7 +179,7 @@ TEST(ChatTest, AnUnreachableServerIsAClearErrorAndExitCodeOne) {
 TEST(ChatTest, ApiKeysFromTheFlagOrTheEnvironment) {
   const std::string keys = TestDir() + "/api_keys.txt";
   std::ofstream(keys) << "secret-one\n";
-  ServerProcess server = TinyServer({"--api-keys-file", keys});
+  ServerProcess server = TinyServer(256, {"--api-keys-file", keys});
   ASSERT_GT(server.port(), 0);
   const std::string args = "--server " + Address(server) + " --raw --max-tokens 4 ";
   Result r = Chat(args, "hello\n");
@@ -211,8 +202,8 @@ TEST(ChatTest, MutualTls) {
   if (!testing::MakeCertificates(dir)) {
     GTEST_SKIP() << "the openssl tool is needed to make certificates";
   }
-  ServerProcess server = TinyServer({"--tls-cert", dir + "/server.pem", "--tls-key",
-                                     dir + "/server.key", "--tls-client-ca", dir + "/ca.pem"});
+  ServerProcess server = TinyServer(256, {"--tls-cert", dir + "/server.pem", "--tls-key",
+                                          dir + "/server.key", "--tls-client-ca", dir + "/ca.pem"});
   ASSERT_GT(server.port(), 0);
   const std::string args = "--server " + Address(server) + " --raw --max-tokens 4 ";
   Result r = Chat(args, "hello\n");
@@ -244,13 +235,8 @@ class ChatChild {
                                      O_WRONLY | O_CREAT | O_TRUNC, 0644);
     posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err_.c_str(),
                                      O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    args.insert(args.begin(), {kBinary, "chat"});
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    if (posix_spawn(&pid_, kBinary.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
-      pid_ = -1;
-    }
+    args.insert(args.begin(), "chat");
+    pid_ = testing::SpawnMorphserve(std::move(args), &actions);
     posix_spawn_file_actions_destroy(&actions);
     close(in[0]);
     input_ = in[1];
@@ -287,7 +273,7 @@ class ChatChild {
 };
 
 TEST(ChatTest, CtrlCStopsTheReplyAndTheSessionGoesOn) {
-  ServerProcess server = TinyServer();
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   ChatChild chat({"--server", Address(server), "--raw", "--temperature", "0", "--max-tokens",
                   "4000", "--show-usage"});
@@ -309,7 +295,7 @@ TEST(ChatTest, CtrlCStopsTheReplyAndTheSessionGoesOn) {
 }
 
 TEST(ChatTest, CtrlCAtThePromptEndsTheSession) {
-  ServerProcess server = TinyServer();
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   ChatChild chat({"--server", Address(server), "--raw"});
   ASSERT_TRUE(WaitUntil([&] { return Count(chat.err(), "connected to") == 1; })) << chat.err();

@@ -39,6 +39,7 @@ using testing::MakeCertificates;
 using testing::RunCli;
 using testing::ServerProcess;
 using testing::Streamed;
+using testing::TinyServer;
 
 // Protobuf may refuse to write invalid UTF-8 into a string field: such a
 // request is written with kPlaceholder in the field (it must hold it), whose
@@ -69,9 +70,7 @@ v1::Load WaitUntilIdle(v1::Generation::Stub& stub) {
 
 TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
   // One request at a time, so that a second one finds the queue full.
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                        "1", "--kv-cache-blocks", "64", "--log-level", "warn", "--max-queue", "1",
-                        "--max-message-bytes", "65536"});
+  ServerProcess server = TinyServer(64, {"--max-queue", "1", "--max-message-bytes", "65536"});
   ASSERT_GT(server.port(), 0) << "the server did not start";
   auto stub = Connect(server.port());
   // A request leaves the queue a moment after its last token (the warm-up
@@ -303,8 +302,7 @@ TEST(ServeTest, StreamsTheSameTokensAsTheCliAndSurvivesBadRequests) {
 // SIGTERM: health turns NOT_SERVING, new calls get UNAVAILABLE, the stream
 // in flight still finishes, then the process exits 0.
 TEST(ServeTest, SigtermDrainsInFlightStreams) {
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                        "1", "--kv-cache-blocks", "256", "--log-level", "warn"});
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   EXPECT_EQ(HealthStatus(server.port()), 1);
   auto stub = Connect(server.port());
@@ -341,9 +339,7 @@ TEST(ServeTest, ApiKeysGuardEveryCallButHealth) {
   FILE* f = fopen(keys.c_str(), "w");
   fputs("# keys\nsecret-one\nsecret-two\n", f);
   fclose(f);
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                        "1", "--kv-cache-blocks", "64", "--log-level", "warn", "--api-keys-file",
-                        keys});
+  ServerProcess server = TinyServer(64, {"--api-keys-file", keys});
   ASSERT_GT(server.port(), 0);
   auto stub = Connect(server.port());
   v1::GenerateRequest request;
@@ -365,9 +361,7 @@ TEST(ServeTest, ApiKeysGuardEveryCallButHealth) {
 }
 
 TEST(ServeTest, PrometheusMetricsCountTokensAndRequests) {
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--metrics-port", "0", "--host",
-                        "127.0.0.1", "--threads", "1", "--kv-cache-blocks", "64", "--log-level",
-                        "warn"});
+  ServerProcess server = TinyServer(64);  // with a free metrics port
   ASSERT_GT(server.port(), 0);
   ASSERT_GT(server.metrics_port(), 0);
   auto stub = Connect(server.port());
@@ -430,18 +424,15 @@ TEST(ServeTest, TlsAndMutualTls) {
   with_cert.pem_private_key = Slurp(dir + "/client.key");
   with_cert.pem_cert_chain = Slurp(dir + "/client.pem");
   {
-    ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                          "1", "--kv-cache-blocks", "16", "--log-level", "warn", "--tls-cert",
-                          dir + "/server.pem", "--tls-key", dir + "/server.key"});
+    ServerProcess server =
+        TinyServer(16, {"--tls-cert", dir + "/server.pem", "--tls-key", dir + "/server.key"});
     ASSERT_GT(server.port(), 0);
     EXPECT_EQ(TryLoad(grpc::SslCredentials(trust), server.port()), grpc::StatusCode::OK);
     EXPECT_NE(TryLoad(grpc::InsecureChannelCredentials(), server.port()), grpc::StatusCode::OK);
     EXPECT_EQ(server.Terminate(), 0);
   }
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                        "1", "--kv-cache-blocks", "16", "--log-level", "warn", "--tls-cert",
-                        dir + "/server.pem", "--tls-key", dir + "/server.key", "--tls-client-ca",
-                        dir + "/ca.pem"});
+  ServerProcess server = TinyServer(16, {"--tls-cert", dir + "/server.pem", "--tls-key",
+                                         dir + "/server.key", "--tls-client-ca", dir + "/ca.pem"});
   ASSERT_GT(server.port(), 0);
   EXPECT_NE(TryLoad(grpc::SslCredentials(trust), server.port()), grpc::StatusCode::OK);
   EXPECT_EQ(TryLoad(grpc::SslCredentials(with_cert), server.port()), grpc::StatusCode::OK);
@@ -490,8 +481,7 @@ v1::GenerateRequest LongRequest() {
 }
 
 TEST(ServeTest, CancellingTheCallStopsTheRequest) {
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                        "1", "--kv-cache-blocks", "256", "--log-level", "warn"});
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   ASSERT_GT(server.metrics_port(), 0);
   auto stub = Connect(server.port());
@@ -511,8 +501,7 @@ TEST(ServeTest, CancellingTheCallStopsTheRequest) {
 }
 
 TEST(ServeTest, ADeadlinePassingStopsTheRequest) {
-  ServerProcess server({"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1", "--threads",
-                        "1", "--kv-cache-blocks", "256", "--log-level", "warn"});
+  ServerProcess server = TinyServer(256);
   ASSERT_GT(server.port(), 0);
   ASSERT_GT(server.metrics_port(), 0);
   auto stub = Connect(server.port());

@@ -24,6 +24,16 @@ const std::string kBinary = std::string(MORPHSERVE_BINARY_DIR) + "/bin/morphserv
 const std::string kTinyModel =
     std::string(MORPHSERVE_FIXTURES_DIR) + "/models/llama-2-tiny-random.gguf";
 
+pid_t SpawnMorphserve(std::vector<std::string> args, const posix_spawn_file_actions_t* actions) {
+  args.insert(args.begin(), kBinary);
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  if (posix_spawn(&pid, kBinary.c_str(), actions, nullptr, argv.data(), environ) != 0) return -1;
+  return pid;
+}
+
 ServerProcess::ServerProcess(std::vector<std::string> args) {
   int out[2];
   if (pipe(out) != 0) return;
@@ -36,13 +46,8 @@ ServerProcess::ServerProcess(std::vector<std::string> args) {
   if (std::find(args.begin(), args.end(), "--metrics-port") == args.end()) {
     args.insert(args.end(), {"--metrics-port", "0"});
   }
-  args.insert(args.begin(), {kBinary, "serve"});
-  std::vector<char*> argv;
-  for (std::string& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  if (posix_spawn(&pid_, kBinary.c_str(), &actions, nullptr, argv.data(), environ) != 0) {
-    pid_ = -1;
-  }
+  args.insert(args.begin(), "serve");
+  pid_ = SpawnMorphserve(std::move(args), &actions);
   posix_spawn_file_actions_destroy(&actions);
   close(out[1]);
   out_ = fdopen(out[0], "r");
@@ -73,6 +78,17 @@ int ServerProcess::Terminate() {
   waitpid(pid_, &status, 0);
   waited_ = true;
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+ServerProcess TinyServer(int64_t kv_cache_blocks, std::vector<std::string> extra) {
+  // clang-format off
+  std::vector<std::string> args = {"--model", kTinyModel, "--port", "0", "--host", "127.0.0.1",
+                                   "--threads", "1",
+                                   "--kv-cache-blocks", std::to_string(kv_cache_blocks),
+                                   "--log-level", "warn"};
+  // clang-format on
+  args.insert(args.end(), extra.begin(), extra.end());
+  return ServerProcess(std::move(args));
 }
 
 std::unique_ptr<v1::Generation::Stub> Connect(int port) {

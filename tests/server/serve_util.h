@@ -4,8 +4,10 @@
 #ifndef MORPHSERVE_TESTS_SERVER_SERVE_UTIL_H_
 #define MORPHSERVE_TESTS_SERVER_SERVE_UTIL_H_
 
+#include <spawn.h>
 #include <sys/types.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -18,6 +20,9 @@ namespace morphserve::testing {
 
 extern const std::string kBinary;     // build/bin/morphserve
 extern const std::string kTinyModel;  // the fixtures' tiny random Llama
+
+// Starts `morphserve ARGS...` with `actions` (may be null); its pid, or -1.
+pid_t SpawnMorphserve(std::vector<std::string> args, const posix_spawn_file_actions_t* actions);
 
 // The server process; its stdout is read until it says where it listens.
 // A free metrics port is used unless the arguments name one.
@@ -41,6 +46,10 @@ class ServerProcess {
   int metrics_port_ = -1;
   bool waited_ = false;
 };
+
+// `morphserve serve` on the tiny model on loopback: one thread, a pool of
+// `kv_cache_blocks`, warnings only, plus `extra` flags.
+ServerProcess TinyServer(int64_t kv_cache_blocks, std::vector<std::string> extra = {});
 
 std::unique_ptr<v1::Generation::Stub> Connect(int port);
 

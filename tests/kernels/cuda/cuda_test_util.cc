@@ -1,7 +1,9 @@
 #include "tests/kernels/cuda/cuda_test_util.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 
 #include "common/fp16.h"
@@ -50,6 +52,30 @@ std::vector<float> RandomF32(size_t n, float stddev, std::mt19937& rng) {
   std::vector<float> values(n);
   for (float& v : values) v = normal(rng);
   return values;
+}
+
+ScrambledTables ScrambleBlockTables(std::span<const int32_t> lengths, int64_t block_size,
+                                    std::mt19937& rng) {
+  int64_t max_blocks = 0;
+  int64_t used_blocks = 0;
+  for (int32_t len : lengths) {
+    const int64_t blocks = (len + block_size - 1) / block_size;
+    max_blocks = std::max(max_blocks, blocks);
+    used_blocks += blocks;
+  }
+  ScrambledTables out;
+  out.pool_blocks = used_blocks + 3;
+  out.stride = max_blocks + 2;
+  std::vector<int32_t> pool(out.pool_blocks);
+  std::iota(pool.begin(), pool.end(), 0);
+  std::shuffle(pool.begin(), pool.end(), rng);
+  out.tables.assign(lengths.size() * out.stride, -1);
+  int64_t next = 0;
+  for (size_t seq = 0; seq < lengths.size(); ++seq) {
+    const int64_t blocks = (lengths[seq] + block_size - 1) / block_size;
+    for (int64_t b = 0; b < blocks; ++b) out.tables[seq * out.stride + b] = pool[next++];
+  }
+  return out;
 }
 
 std::vector<float> Bf16ToF32(std::span<const uint16_t> bits) {

@@ -66,6 +66,17 @@ std::vector<float> Bf16ToF32(std::span<const uint16_t> bits);
 ::testing::AssertionResult AllClose(std::span<const float> got, std::span<const float> expected,
                                     double abs_tol, double rel_tol);
 
+// Block tables for sequences of `lengths` cache slots: blocks drawn from one
+// shuffled pool with 3 spare blocks, each row padded with -1 to 2 columns
+// past the longest.
+struct ScrambledTables {
+  std::vector<int32_t> tables;  // [sequence][stride]
+  int64_t stride = 0;
+  int64_t pool_blocks = 0;
+};
+ScrambledTables ScrambleBlockTables(std::span<const int32_t> lengths, int64_t block_size,
+                                    std::mt19937& rng);
+
 // A device copy of `host`.
 template <typename T>
 absl::StatusOr<DeviceBuffer> Upload(const std::vector<T>& host) {

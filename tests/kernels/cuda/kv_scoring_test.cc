@@ -30,6 +30,8 @@ using testing::AllClose;
 using testing::Bf16ToF32;
 using testing::Poisoned;
 using testing::RandomBf16;
+using testing::ScrambleBlockTables;
+using testing::ScrambledTables;
 using testing::Upload;
 
 // The inputs are the same bf16 on both sides and everything after is f32,
@@ -119,26 +121,10 @@ Case MakeCase(const Shape& s, std::mt19937& rng) {
   }
   c.max_slots = longest + s.extra_max_slots;
 
-  // Scrambled blocks out of one pool with spare blocks; tables padded with
-  // -1 past what each sequence uses.
-  int64_t max_blocks = 0;
-  int64_t used_blocks = 0;
-  for (int32_t slots : c.num_slots) {
-    const int64_t blocks = (slots + s.block_size - 1) / s.block_size;
-    max_blocks = std::max(max_blocks, blocks);
-    used_blocks += blocks;
-  }
-  const int64_t pool_blocks = used_blocks + 3;
-  c.table_stride = max_blocks + 2;
-  std::vector<int32_t> pool(pool_blocks);
-  std::iota(pool.begin(), pool.end(), 0);
-  std::shuffle(pool.begin(), pool.end(), rng);
-  c.tables.assign(c.num_seqs * c.table_stride, -1);
-  int64_t next = 0;
-  for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
-    const int64_t blocks = (c.num_slots[seq] + s.block_size - 1) / s.block_size;
-    for (int64_t b = 0; b < blocks; ++b) c.tables[seq * c.table_stride + b] = pool[next++];
-  }
+  ScrambledTables tables = ScrambleBlockTables(c.num_slots, s.block_size, rng);
+  const int64_t pool_blocks = tables.pool_blocks;
+  c.tables = std::move(tables.tables);
+  c.table_stride = tables.stride;
 
   c.positions_stride = c.max_slots + 1;
   if (s.scrambled) {

@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <ostream>
 #include <random>
 #include <string>
@@ -25,6 +24,8 @@ using testing::Bf16ToF32;
 using testing::kBf16RelTol;
 using testing::Poisoned;
 using testing::RandomBf16;
+using testing::ScrambleBlockTables;
+using testing::ScrambledTables;
 using testing::Upload;
 
 struct Shape {
@@ -55,26 +56,10 @@ TEST_P(PagedAttentionCudaTest, MatchesCpuReference) {
   const int64_t hd = s.head_dim;
   std::mt19937 rng(static_cast<uint32_t>(s.context_lens[0] * 7 + s.num_heads * 3 + hd));
 
-  // Scrambled blocks for every sequence out of one pool with spare blocks;
-  // tables padded with -1 past what each sequence uses.
-  int64_t max_blocks = 0;
-  int64_t used_blocks = 0;
-  for (int32_t len : s.context_lens) {
-    const int64_t blocks = (len + s.block_size - 1) / s.block_size;
-    max_blocks = std::max(max_blocks, blocks);
-    used_blocks += blocks;
-  }
-  const int64_t pool_blocks = used_blocks + 3;
-  const int64_t table_stride = max_blocks + 2;
-  std::vector<int32_t> pool(pool_blocks);
-  std::iota(pool.begin(), pool.end(), 0);
-  std::shuffle(pool.begin(), pool.end(), rng);
-  std::vector<int32_t> tables(num_seqs * table_stride, -1);
-  int64_t next = 0;
-  for (int64_t q = 0; q < num_seqs; ++q) {
-    const int64_t blocks = (s.context_lens[q] + s.block_size - 1) / s.block_size;
-    for (int64_t b = 0; b < blocks; ++b) tables[q * table_stride + b] = pool[next++];
-  }
+  const ScrambledTables scrambled = ScrambleBlockTables(s.context_lens, s.block_size, rng);
+  const std::vector<int32_t>& tables = scrambled.tables;
+  const int64_t table_stride = scrambled.stride;
+  const int64_t pool_blocks = scrambled.pool_blocks;
 
   // Random keys and values in every slot some context covers, NaN elsewhere.
   const int64_t block_elems = s.num_kv_heads * s.block_size * hd;
