@@ -17,7 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "common/kv_policy.h"
 #include "common/strings.h"
-#include "common/thread_pool.h"
+#include "engine/backend/cpu_backend.h"
 #include "engine/model/model.h"
 #include "server/cli/arg_parser.h"
 #include "server/cli/sequence_set.h"
@@ -69,7 +69,6 @@ int Main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::vector<int32_t> tokens(prompt_tokens + gen_tokens);
   for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % std::min<int64_t>(c.vocab_size, 32000));
-  ThreadPool pool(static_cast<int>(threads));
 
   if (!json) {
     std::printf("| policy | W | C | decode tok/s | KV tokens attended | policy share of step |\n"
@@ -85,9 +84,11 @@ int Main(int argc, char** argv) {
       return 2;
     }
     const int64_t block_size = 16;
-    cli::SequenceSet set(**model, &pool, {}, block_size,
-                         cli::SequenceSet::BlocksFor(*policy, prompt_tokens, gen_tokens + 1,
-                                                     block_size));
+    engine::CpuBackend backend(
+        **model, static_cast<int>(threads),
+        cli::SequenceSet::BlocksFor(*policy, prompt_tokens, gen_tokens + 1, block_size),
+        block_size);
+    cli::SequenceSet set(**model, &backend);
     const int id = *set.Add(*policy, prompt_tokens, gen_tokens + 1);
     std::vector<float> logits;
     for (int64_t begin = 0; begin < prompt_tokens; begin += 512) {

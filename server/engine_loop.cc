@@ -6,6 +6,8 @@
 
 #include "common/status.h"
 #include "common/strings.h"
+#include "engine/backend/backend_registry.h"
+#include "engine/backend/cpu_backend.h"
 
 namespace morphserve::server {
 
@@ -17,16 +19,39 @@ double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 
 }  // namespace
 
+absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(const engine::Model& model,
+                                                               const EngineOptions& options) {
+  engine::BackendOptions backend;
+  backend.device = options.device;
+  backend.block_size = options.block_size;
+  backend.num_blocks = options.num_blocks;
+  backend.kv_cache_bytes = options.kv_cache_bytes;
+  backend.gpu_memory_utilization = options.gpu_memory_utilization;
+  backend.threads = options.threads;
+  backend.forward.reference_kernels = options.reference_kernels;
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> created,
+                   engine::CreateBackend(model, backend));
+  return std::make_unique<EngineLoop>(model, options, std::move(created));
+}
+
 EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options)
+    : EngineLoop(model, options,
+                 std::make_unique<engine::CpuBackend>(
+                     model, options.threads, options.num_blocks, options.block_size,
+                     engine::ForwardOptions{.reference_kernels = options.reference_kernels})) {}
+
+EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options,
+                       std::unique_ptr<engine::ForwardBackend> backend)
     : model_(model),
       options_(options),
-      pool_(options.threads > 0 ? options.threads : ThreadPool::DefaultThreads()),
-      executor_(model, &pool_, options.num_blocks, options.block_size,
-                {.reference_kernels = options.reference_kernels}),
-      scheduler_({options.num_blocks, options.block_size, options.max_num_seqs,
-                  options.max_num_batched_tokens, options.full_admission}) {
-  stats_.total_blocks = options.num_blocks;
-  stats_.free_blocks = options.num_blocks;
+      executor_(model, std::move(backend)),
+      scheduler_({executor_.cache_shape().num_blocks, executor_.cache_shape().block_size,
+                  options.max_num_seqs, options.max_num_batched_tokens, options.full_admission}) {
+  options_.num_blocks = executor_.cache_shape().num_blocks;
+  options_.block_size = executor_.cache_shape().block_size;
+  options_.device = std::string(executor_.backend().device());
+  stats_.total_blocks = options_.num_blocks;
+  stats_.free_blocks = options_.num_blocks;
   started_ = Clock::now();
   thread_ = std::thread([this] { Run(); });
 }
@@ -63,6 +88,7 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
   RETURN_IF_ERROR(request.sampling.Validate());
   RETURN_IF_ERROR(request.stop.Validate());
   RETURN_IF_ERROR(request.kv.Validate(c.context_length));
+  RETURN_IF_ERROR(SupportsPolicy(request.kv.kind));
   const int64_t prompt = static_cast<int64_t>(request.prompt.size());
   if (prompt + request.stop.max_new_tokens > c.context_length) {
     return absl::OutOfRangeError(StrCat("prompt (", prompt, " tokens) + max_new_tokens (",
@@ -93,6 +119,11 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
   }
   wake_.notify_all();
   return std::make_pair(id, stream);
+}
+
+absl::Status EngineLoop::SupportsPolicy(KvPolicyKind policy) const {
+  // The backend's answer is fixed at creation, so any thread may ask.
+  return executor_.backend().SupportsPolicy(policy);
 }
 
 void EngineLoop::Cancel(int64_t id) {

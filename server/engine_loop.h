@@ -19,7 +19,7 @@
 #include "absl/status/statusor.h"
 #include "common/kv_policy.h"
 #include "common/sampling_params.h"
-#include "common/thread_pool.h"
+#include "engine/backend/forward_backend.h"
 #include "engine/executor/executor.h"
 #include "engine/generation/stop_checker.h"
 #include "engine/model/model.h"
@@ -31,7 +31,12 @@ namespace morphserve::server {
 
 struct EngineOptions {
   std::string device = "cpu";  // what the forward pass runs on
+  // The KV pool: num_blocks blocks when positive, else what kv_cache_bytes
+  // holds when positive, else the device's default (see BackendOptions).
+  // Once the engine runs, num_blocks is the pool's actual size.
   int64_t num_blocks = 0;
+  int64_t kv_cache_bytes = 0;
+  double gpu_memory_utilization = 0.9;
   int64_t block_size = 16;
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
@@ -101,14 +106,23 @@ struct EngineStats {
 
 class EngineLoop {
  public:
+  // The engine on options.device, its backend created (weights uploaded,
+  // KV pool allocated) before the thread starts; errors say what failed.
+  static absl::StatusOr<std::unique_ptr<EngineLoop>> Create(const engine::Model& model,
+                                                            const EngineOptions& options);
+  // The engine on the CPU backend, with options.num_blocks blocks (tests).
   EngineLoop(const engine::Model& model, const EngineOptions& options);
+  // The engine on `backend`, whose pool size replaces options.num_blocks.
+  EngineLoop(const engine::Model& model, const EngineOptions& options,
+             std::unique_ptr<engine::ForwardBackend> backend);
   ~EngineLoop();  // stops the thread; unfinished streams get a Cancelled error
   EngineLoop(const EngineLoop&) = delete;
   EngineLoop& operator=(const EngineLoop&) = delete;
 
   // Validates and queues a request. Errors here are immediate: invalid
-  // parameters (InvalidArgument, OutOfRange) or a request that could never
-  // fit the KV pool (ResourceExhausted).
+  // parameters (InvalidArgument, OutOfRange), a request that could never
+  // fit the KV pool (ResourceExhausted), or a KV policy the device does not
+  // run (Unimplemented).
   absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> Submit(
       GenerationRequest request);
   // Requests submitted and not yet ended.
@@ -118,7 +132,10 @@ class EngineLoop {
   void Cancel(int64_t id);
 
   EngineStats Stats() const;
+  // Options as run: num_blocks, block_size and device are the backend's.
   const EngineOptions& options() const { return options_; }
+  // Whether the device runs `policy` (the error Submit gives otherwise).
+  absl::Status SupportsPolicy(KvPolicyKind policy) const;
   // Every step so far (with EngineOptions::record_timeline).
   std::vector<StepSample> Timeline() const;
 
@@ -146,7 +163,6 @@ class EngineLoop {
 
   const engine::Model& model_;
   EngineOptions options_;
-  ThreadPool pool_;
   engine::Executor executor_;
   scheduler::Scheduler scheduler_;
   std::map<int64_t, Live> live_;  // engine thread only

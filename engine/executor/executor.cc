@@ -7,12 +7,8 @@
 
 namespace morphserve::engine {
 
-Executor::Executor(const Model& model, ThreadPool* pool, int64_t num_blocks, int64_t block_size,
-                   ForwardOptions options)
-    : model_(model),
-      cache_({model.config.num_layers, model.config.num_kv_heads, model.config.head_dim,
-              block_size, num_blocks}),
-      forward_(model, pool, options) {}
+Executor::Executor(const Model& model, std::unique_ptr<ForwardBackend> backend)
+    : model_(model), backend_(std::move(backend)) {}
 
 absl::Status Executor::AddSequence(int64_t id, std::span<const int32_t> prompt,
                                    const SamplingParams& sampling, const StopConditions& stop,
@@ -50,7 +46,7 @@ absl::Status Executor::Execute(const StepPlan& plan, StepResult* result,
       // A recomputed sequence treats everything so far as its prompt.
       const int64_t prompt = state.prompt_tokens + state.generated;
       const int64_t left = state.max_new_tokens - state.generated;
-      state.cache = std::make_unique<KvSequence>(state.kv, cache_.shape(),
+      state.cache = std::make_unique<KvSequence>(state.kv, backend_->cache_shape(),
                                                  model_.config.num_heads,
                                                  state.kv.MaxSlots(prompt, left));
     }
@@ -62,7 +58,7 @@ absl::Status Executor::Execute(const StepPlan& plan, StepResult* result,
   result->outputs.clear();
   outputs->clear();
   if (plan.sequences.empty()) return absl::OkStatus();
-  RETURN_IF_ERROR(forward_.Forward({tokens_, inputs_, /*all_logits=*/false}, cache_, &logits_));
+  RETURN_IF_ERROR(backend_->Forward({tokens_, inputs_, /*all_logits=*/false}, &logits_));
   const int64_t vocab = model_.config.vocab_size;
   for (size_t i = 0; i < plan.sequences.size(); ++i) {
     const ScheduledSequence& s = plan.sequences[i];

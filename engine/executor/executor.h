@@ -1,6 +1,6 @@
-// Runs the scheduler's step plans on the CPU forward pass: one batched
-// forward over every scheduled sequence, each with its own KV policy state,
-// sampler and stop checker; the scheduler never sees any of it.
+// Runs the scheduler's step plans on a forward backend (CPU or CUDA): one
+// batched forward over every scheduled sequence, each with its own KV policy
+// state, sampler and stop checker; the scheduler never sees any of it.
 //
 // Owned by the engine loop's thread; not thread-safe.
 #ifndef MORPHSERVE_ENGINE_EXECUTOR_EXECUTOR_H_
@@ -18,10 +18,9 @@
 #include "common/kv_policy.h"
 #include "common/sampling_params.h"
 #include "common/step_types.h"
-#include "common/thread_pool.h"
+#include "engine/backend/forward_backend.h"
 #include "engine/generation/stop_checker.h"
 #include "engine/kv/kv_sequence.h"
-#include "engine/kv/paged_kv_cache.h"
 #include "engine/model/llama_forward.h"
 #include "engine/model/model.h"
 #include "engine/sampler/sampler.h"
@@ -41,10 +40,9 @@ struct TokenOutput {
 
 class Executor {
  public:
-  // `model` and `pool` must outlive the executor. The KV cache of
-  // `num_blocks` blocks is allocated here, once.
-  Executor(const Model& model, ThreadPool* pool, int64_t num_blocks, int64_t block_size,
-           ForwardOptions options = {});
+  // Runs on `backend`, whose KV pool the scheduler's block ids index;
+  // `model` must outlive the executor.
+  Executor(const Model& model, std::unique_ptr<ForwardBackend> backend);
 
   // Registers a sequence before the scheduler first plans it. The stop
   // conditions' max_new_tokens is the request's limit.
@@ -60,7 +58,8 @@ class Executor {
 
   // The sequence's KV figures (zero before its first step).
   KvUsage Usage(int64_t id) const;
-  const KvCacheShape& cache_shape() const { return cache_.shape(); }
+  const KvCacheShape& cache_shape() const { return backend_->cache_shape(); }
+  const ForwardBackend& backend() const { return *backend_; }
 
  private:
   struct State {
@@ -75,8 +74,7 @@ class Executor {
   };
 
   const Model& model_;
-  PagedKvCache cache_;
-  LlamaForward forward_;
+  std::unique_ptr<ForwardBackend> backend_;
   std::map<int64_t, State> states_;
   std::vector<SequenceInput> inputs_;
   std::vector<int32_t> tokens_;

@@ -20,16 +20,18 @@ struct KvCacheShape {
   int64_t head_dim = 0;
   int64_t block_size = 16;
   int64_t num_blocks = 0;
+  // Bytes per stored K or V element: 4 (f32) on the CPU, 2 (bf16) on CUDA.
+  int64_t element_bytes = 4;
 
-  int64_t FloatsPerBlock() const { return num_kv_heads * block_size * head_dim; }
+  // K (or V) values of one block in one layer.
+  int64_t ValuesPerBlock() const { return num_kv_heads * block_size * head_dim; }
   // K and V of one block in every layer.
-  int64_t BytesPerBlock() const {
-    return 2 * num_layers * FloatsPerBlock() * static_cast<int64_t>(sizeof(float));
-  }
+  int64_t BytesPerBlock() const { return 2 * num_layers * ValuesPerBlock() * element_bytes; }
 };
 
 class PagedKvCache {
  public:
+  // Allocates `shape`'s blocks as f32 (whatever its element_bytes says).
   explicit PagedKvCache(const KvCacheShape& shape);
 
   const KvCacheShape& shape() const { return shape_; }
@@ -46,7 +48,7 @@ class PagedKvCache {
   }
 
  private:
-  int64_t LayerFloats() const { return shape_.num_blocks * shape_.FloatsPerBlock(); }
+  int64_t LayerFloats() const { return shape_.num_blocks * shape_.ValuesPerBlock(); }
 
   KvCacheShape shape_;
   std::vector<float> keys_;

@@ -26,16 +26,11 @@ LlamaForward::LlamaForward(const Model& model, ThreadPool* pool, ForwardOptions 
       options_(options),
       rope_inv_freq_(RopeInverseFrequencies(model.config)) {}
 
-absl::Status LlamaForward::Validate(const ForwardBatch& batch, const PagedKvCache& cache) const {
-  const ModelConfig& c = model_.config;
-  const KvCacheShape& s = cache.shape();
+absl::Status ValidateForwardBatch(const ModelConfig& c, const KvCacheShape& s,
+                                  const ForwardBatch& batch) {
   if (s.num_layers != c.num_layers || s.num_kv_heads != c.num_kv_heads ||
       s.head_dim != c.head_dim) {
     return absl::InvalidArgumentError("KV cache shape does not match the model");
-  }
-  if (c.head_dim > kernels::kMaxHeadDim) {
-    return absl::InvalidArgumentError(StrCat("head_dim ", c.head_dim, " is above ",
-                                                   kernels::kMaxHeadDim));
   }
   for (int32_t t : batch.tokens) {
     if (t < 0 || t >= c.vocab_size) {
@@ -81,6 +76,14 @@ absl::Status LlamaForward::Validate(const ForwardBatch& batch, const PagedKvCach
     return absl::InvalidArgumentError("sequences must cover the batch tokens in order");
   }
   return absl::OkStatus();
+}
+
+absl::Status LlamaForward::Validate(const ForwardBatch& batch, const PagedKvCache& cache) const {
+  if (model_.config.head_dim > kernels::kMaxHeadDim) {
+    return absl::InvalidArgumentError(
+        StrCat("head_dim ", model_.config.head_dim, " is above ", kernels::kMaxHeadDim));
+  }
+  return ValidateForwardBatch(model_.config, cache.shape(), batch);
 }
 
 void LlamaForward::MatMul(const Matrix& w, const float* x, int64_t n_tokens, float* y) {

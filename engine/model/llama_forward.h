@@ -42,6 +42,14 @@ struct ForwardBatch {
   bool all_logits = false;
 };
 
+// Checks a batch against the model and the KV pool's shape: token ids in the
+// vocabulary, sequences covering the tokens in order, positions within the
+// context, each sequence's step allowed by its KvSequence, block tables
+// covering the slots the step needs with blocks inside the pool. Every
+// backend runs this before touching its pool.
+absl::Status ValidateForwardBatch(const ModelConfig& config, const KvCacheShape& shape,
+                                  const ForwardBatch& batch);
+
 struct ForwardOptions {
   // Use the plain reference matrix product (f32 activations, double
   // accumulation) instead of the SIMD kernels: slow, for tests and audits.

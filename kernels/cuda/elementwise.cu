@@ -86,6 +86,32 @@ __global__ void __launch_bounds__(kElementThreads)
   }
 }
 
+// Grid-stride loop over the n_tokens * n outputs: x[t][i] += bias[i].
+__global__ void __launch_bounds__(kElementThreads)
+    AddBiasKernel(__nv_bfloat16* x, const float* bias, int64_t n, int64_t total,
+                  int64_t x_stride) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += step) {
+    const int64_t t = idx / n;
+    const int64_t i = idx - t * n;
+    __nv_bfloat16& v = x[t * x_stride + i];
+    v = __float2bfloat16(__bfloat162float(v) + bias[i]);
+  }
+}
+
+// Grid-stride loop over the n_rows * n outputs: out[r] = x[rows[r]].
+__global__ void __launch_bounds__(kElementThreads)
+    GatherRowsKernel(const __nv_bfloat16* x, int64_t n, const int32_t* rows, __nv_bfloat16* out,
+                     int64_t total) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += step) {
+    const int64_t r = idx / n;
+    out[idx] = x[static_cast<int64_t>(rows[r]) * n + (idx - r * n)];
+  }
+}
+
 template <bool kAddDelta>
 absl::Status LaunchRmsNorm(std::conditional_t<kAddDelta, float*, const float*> x,
                            const float* delta, const float* weight, float eps, int64_t n,
@@ -135,6 +161,27 @@ absl::Status ApplyRope(__nv_bfloat16* x, int64_t n_heads, int64_t head_dim, int6
   RopeKernel<<<GridStrideBlocks(total, kElementThreads), kElementThreads, 0, stream>>>(
       x, n_heads, head_dim, half, positions, inv_freq, style, total, x_stride);
   return LaunchStatus("RopeKernel");
+}
+
+absl::Status AddBias(__nv_bfloat16* x, const float* bias, int64_t n, int64_t n_tokens,
+                     int64_t x_stride, cudaStream_t stream) {
+  RETURN_IF_ERROR(Require(n > 0 && n_tokens >= 0 && x_stride >= n, "AddBias",
+                          "n > 0, n_tokens >= 0 and x_stride >= n"));
+  if (n_tokens == 0) return absl::OkStatus();
+  const int64_t total = n_tokens * n;
+  AddBiasKernel<<<GridStrideBlocks(total, kElementThreads), kElementThreads, 0, stream>>>(
+      x, bias, n, total, x_stride);
+  return LaunchStatus("AddBiasKernel");
+}
+
+absl::Status GatherRows(const __nv_bfloat16* x, int64_t n, const int32_t* rows,
+                        __nv_bfloat16* out, int64_t n_rows, cudaStream_t stream) {
+  RETURN_IF_ERROR(Require(n > 0 && n_rows >= 0, "GatherRows", "n > 0 and n_rows >= 0"));
+  if (n_rows == 0) return absl::OkStatus();
+  const int64_t total = n_rows * n;
+  GatherRowsKernel<<<GridStrideBlocks(total, kElementThreads), kElementThreads, 0, stream>>>(
+      x, n, rows, out, total);
+  return LaunchStatus("GatherRowsKernel");
 }
 
 }  // namespace morphserve::kernels::cuda

@@ -48,6 +48,18 @@ absl::Status ApplyRope(__nv_bfloat16* x, int64_t n_heads, int64_t head_dim, int6
                        const int32_t* positions, const float* inv_freq, RopeStyle style,
                        int64_t n_tokens, int64_t x_stride, cudaStream_t stream);
 
+// x[t][i] += bias[i] for i < n: the biases of a QKV product (families such
+// as Qwen2 have them). x: bf16, token t's row at x + t * x_stride; bias: f32
+// [n]. The sum is formed in f32 and rounded once.
+absl::Status AddBias(__nv_bfloat16* x, const float* bias, int64_t n, int64_t n_tokens,
+                     int64_t x_stride, cudaStream_t stream);
+
+// out[r] = x[rows[r]] for r < n_rows: picks the rows whose logits a step
+// wants. x: bf16 [*][n]; rows: int32 [n_rows], each a row of x; out: bf16
+// [n_rows][n], overlapping x nowhere.
+absl::Status GatherRows(const __nv_bfloat16* x, int64_t n, const int32_t* rows,
+                        __nv_bfloat16* out, int64_t n_rows, cudaStream_t stream);
+
 }  // namespace morphserve::kernels::cuda
 
 #endif  // MORPHSERVE_KERNELS_CUDA_ELEMENTWISE_H_

@@ -101,8 +101,11 @@ absl::Status Run(const BatchOptions& o) {
     }
   }
 
-  ASSIGN_OR_RETURN(const server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine, cfg));
-  server::EngineLoop engine(*model, engine_options);
+  ASSIGN_OR_RETURN(const server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
+  ASSIGN_OR_RETURN(const std::unique_ptr<server::EngineLoop> engine_loop,
+                   server::EngineLoop::Create(*model, engine_options));
+  server::EngineLoop& engine = *engine_loop;
+  RETURN_IF_ERROR(engine.SupportsPolicy(base.kv.kind));
 
   const size_t total = prompts.size() * static_cast<size_t>(o.repeat);
   std::vector<InFlight> flying;

@@ -17,12 +17,19 @@ void AddEngineFlags(ArgParser& p, EngineFlags* f) {
               "guaranteed (reserve prompt + max_new_tokens at admission, never preempted)");
   p.AddInt("block-size", &f->block_size, "KV cache block size in tokens");
   p.AddInt("kv-cache-blocks", &f->kv_cache_blocks, "KV pool size in blocks (overrides memory)");
-  p.AddString("kv-cache-memory", &f->kv_cache_memory, "KV pool size, e.g. 1GiB or 512MiB");
+  p.AddString("kv-cache-memory", &f->kv_cache_memory,
+              "KV pool size, e.g. 1GiB or 512MiB (default: 1GiB on the CPU; on CUDA what "
+              "--gpu-memory-utilization leaves)");
+  p.AddFloat("gpu-memory-utilization", &f->gpu_memory_utilization,
+             "CUDA: fraction of the GPU's memory for weights, activations and the KV pool");
   p.AddInt("threads", &f->threads, "CPU threads for the engine (0: all cores)");
 }
 
-absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& f,
-                                                             const engine::ModelConfig& config) {
+absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& f) {
+  if (!(f.gpu_memory_utilization > 0.0f && f.gpu_memory_utilization <= 1.0f)) {
+    return absl::InvalidArgumentError("--gpu-memory-utilization must be in (0, 1]");
+  }
+  if (f.kv_cache_blocks < 0) return absl::InvalidArgumentError("--kv-cache-blocks must not be negative");
   if (f.max_num_seqs < 1 || f.max_num_batched_tokens < 1 || f.block_size < 1 || f.threads < 0) {
     return absl::InvalidArgumentError(
         "--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1, "
@@ -40,8 +47,11 @@ absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& 
         StrCat("--full-admission: unknown '", f.full_admission, "' (optimistic or guaranteed)"));
   }
   o.threads = static_cast<int>(f.threads);
-  ASSIGN_OR_RETURN(o.num_blocks,
-                   KvPoolBlocks(config, f.block_size, f.kv_cache_blocks, f.kv_cache_memory));
+  o.num_blocks = f.kv_cache_blocks;
+  if (!f.kv_cache_memory.empty()) {
+    ASSIGN_OR_RETURN(o.kv_cache_bytes, ParseByteSize(f.kv_cache_memory, "--kv-cache-memory"));
+  }
+  o.gpu_memory_utilization = f.gpu_memory_utilization;
   return o;
 }
 

@@ -20,15 +20,15 @@ struct EngineFlags {
   std::string full_admission = "optimistic";
   int64_t block_size = 16;
   int64_t kv_cache_blocks = 0;
-  std::string kv_cache_memory = "1GiB";
+  std::string kv_cache_memory;  // empty: the device's default
+  float gpu_memory_utilization = 0.9f;
   int64_t threads = 0;
 };
 
 void AddEngineFlags(ArgParser& parser, EngineFlags* flags);
 
-// Validates the flags and sizes the KV pool for `config`.
-absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& flags,
-                                                             const engine::ModelConfig& config);
+// Validates the flags and resolves the device.
+absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& flags);
 
 }  // namespace morphserve::cli
 

@@ -45,6 +45,7 @@ struct EvalOptions {
   std::string fusion = "sum";
   std::string aggregation = "group-logit-sum";
   int64_t sinks = 4;
+  std::string device = "auto";
   int64_t threads = 0;
   int64_t block_size = 16;
   int64_t prefill_chunk = 512;
@@ -194,7 +195,31 @@ absl::Status Run(const EvalOptions& o, const std::string& command_line) {
   std::filesystem::create_directories(o.out, ec);
   if (ec) return absl::PermissionDeniedError(StrCat("cannot create ", o.out, ": ", ec.message()));
 
-  ThreadPool threads(o.threads > 0 ? static_cast<int>(o.threads) : ThreadPool::DefaultThreads());
+  // Members of a prompt's set: 0 is the full-cache reference, then one per
+  // configuration. The backend's pool fits the largest prompt's set.
+  std::vector<std::vector<int32_t>> encoded;
+  std::vector<KvPolicyKind> kinds = {KvPolicyKind::kFull};
+  int64_t pool_blocks = 0;
+  for (const EvalPrompt& prompt : prompts) {
+    ASSIGN_OR_RETURN(std::vector<int32_t> tokens,
+                     EncodePrompt(tokenizer, prompt.text, /*chat=*/true));
+    const int64_t prompt_len = static_cast<int64_t>(tokens.size());
+    if (prompt_len + o.reference_tokens > cfg.context_length) {
+      return absl::OutOfRangeError(StrCat("prompt ", prompt.id, " plus the reference exceeds the ",
+                                          "context length ", cfg.context_length));
+    }
+    int64_t blocks =
+        SequenceSet::BlocksFor(KvPolicyConfig{}, prompt_len, o.reference_tokens, o.block_size);
+    for (const FidelityStats& s : stats) {
+      blocks += SequenceSet::BlocksFor(s.policy, prompt_len, o.reference_tokens, o.block_size);
+    }
+    pool_blocks = std::max(pool_blocks, blocks);
+    encoded.push_back(std::move(tokens));
+  }
+  for (const FidelityStats& s : stats) kinds.push_back(s.policy.kind);
+  ASSIGN_OR_RETURN(const std::unique_ptr<engine::ForwardBackend> backend,
+                   OfflineBackend(*model, o.device, o.threads, o.block_size, pool_blocks,
+                                  /*reference_kernels=*/false, kinds));
   // The reference never ends early: end-of-generation tokens are banned from
   // every greedy choice, the policies' included.
   const std::vector<int32_t>& banned = tokenizer.end_of_generation_ids();
@@ -208,22 +233,11 @@ absl::Status Run(const EvalOptions& o, const std::string& command_line) {
 
   for (size_t pi = 0; pi < prompts.size(); ++pi) {
     const EvalPrompt& prompt = prompts[pi];
-    ASSIGN_OR_RETURN(const std::vector<int32_t> tokens,
-                     EncodePrompt(tokenizer, prompt.text, /*chat=*/true));
+    const std::vector<int32_t>& tokens = encoded[pi];
     const int64_t prompt_len = static_cast<int64_t>(tokens.size());
-    if (prompt_len + o.reference_tokens > cfg.context_length) {
-      return absl::OutOfRangeError(StrCat("prompt ", prompt.id, " plus the reference exceeds the ",
-                                          "context length ", cfg.context_length));
-    }
-    // Members: 0 is the full-cache reference, then one per configuration.
-    KvPolicyConfig full;
-    int64_t blocks = 0;
+    const KvPolicyConfig full;
     const int64_t max_new = o.reference_tokens;
-    blocks += SequenceSet::BlocksFor(full, prompt_len, max_new, o.block_size);
-    for (const FidelityStats& s : stats) {
-      blocks += SequenceSet::BlocksFor(s.policy, prompt_len, max_new, o.block_size);
-    }
-    SequenceSet set(*model, &threads, {}, o.block_size, blocks);
+    SequenceSet set(*model, backend.get());
     std::vector<int> ids;
     ASSIGN_OR_RETURN(const int full_id, set.Add(full, prompt_len, max_new));
     ids.push_back(full_id);
@@ -321,6 +335,7 @@ int EvalCommand(int argc, char** argv, int first) {
   p.AddString("kv-aggregation", &o.aggregation, "morphkv GQA scoring: group-logit-sum or "
                                                 "group-max-prob");
   p.AddInt("kv-sinks", &o.sinks, "streaming sink tokens");
+  p.AddString("device", &o.device, "auto, cpu or cuda");
   p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
   p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
   p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");

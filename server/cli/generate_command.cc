@@ -37,6 +37,7 @@ struct GenerateOptions {
   std::string chat;
   std::string system;
   GenerationFlags gen;
+  std::string device = "auto";
   int64_t threads = 0;
   int64_t block_size = 16;
   int64_t prefill_chunk = 512;
@@ -94,12 +95,14 @@ absl::Status Run(const GenerateOptions& o) {
 
   ASSIGN_OR_RETURN(const KvPolicyConfig kv_policy, KvPolicyFromFlags(o.kv, cfg.context_length));
 
-  ThreadPool threads(o.threads > 0 ? static_cast<int>(o.threads) : ThreadPool::DefaultThreads());
   const int64_t prompt_tokens = static_cast<int64_t>(prompt.size());
   const int64_t blocks =
       SequenceSet::BlocksFor(kv_policy, prompt_tokens, o.gen.max_tokens, o.block_size);
-  SequenceSet sequences(*model, &threads, {.reference_kernels = o.reference_kernels},
-                        o.block_size, blocks);
+  const KvPolicyKind policies[] = {kv_policy.kind};
+  ASSIGN_OR_RETURN(const std::unique_ptr<engine::ForwardBackend> backend,
+                   OfflineBackend(*model, o.device, o.threads, o.block_size, blocks,
+                                  o.reference_kernels, policies));
+  SequenceSet sequences(*model, backend.get());
   ASSIGN_OR_RETURN(const int id, sequences.Add(kv_policy, prompt_tokens, o.gen.max_tokens));
   engine::Sampler sampler(sampling, prompt);
   engine::StopChecker checker(tokenizer, stop);
@@ -189,6 +192,7 @@ int GenerateCommand(int argc, char** argv, int first) {
   p.AddString("chat", &o.chat, "a user message, formatted with the model's chat template");
   p.AddString("system", &o.system, "system message for --chat");
   AddGenerationFlags(p, &o.gen);
+  p.AddString("device", &o.device, "auto, cpu or cuda");
   p.AddInt("threads", &o.threads, "CPU threads (0: all cores)");
   p.AddInt("block-size", &o.block_size, "KV cache block size in tokens");
   p.AddInt("prefill-chunk", &o.prefill_chunk, "prompt tokens per forward pass");

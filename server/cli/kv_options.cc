@@ -3,7 +3,6 @@
 #include "absl/strings/numbers.h"
 #include "common/status.h"
 #include "common/strings.h"
-#include "engine/kv/paged_kv_cache.h"
 
 namespace morphserve::cli {
 
@@ -33,33 +32,25 @@ absl::StatusOr<KvPolicyConfig> KvPolicyFromFlags(const KvFlags& f, int64_t conte
   return c;
 }
 
-absl::StatusOr<int64_t> KvPoolBlocks(const engine::ModelConfig& config, int64_t block_size,
-                                     int64_t blocks, const std::string& memory) {
-  if (block_size < 1) return absl::InvalidArgumentError("--block-size must be at least 1");
-  if (blocks > 0) return blocks;
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text, std::string_view flag) {
   static constexpr std::pair<const char*, int64_t> kUnits[] = {
       {"GiB", 1LL << 30}, {"MiB", 1LL << 20}, {"KiB", 1LL << 10}, {"GB", 1000000000LL},
       {"MB", 1000000LL},  {"KB", 1000LL},     {"", 1}};
   for (const auto& [suffix, scale] : kUnits) {
     const std::string unit(suffix);
-    if (memory.size() <= unit.size() ||
-        memory.compare(memory.size() - unit.size(), unit.size(), unit) != 0) {
+    if (text.size() <= unit.size() ||
+        text.compare(text.size() - unit.size(), unit.size(), unit) != 0) {
       continue;
     }
     double v = 0;
-    if (!absl::SimpleAtod(memory.substr(0, memory.size() - unit.size()), &v) || !(v > 0)) break;
-    const int64_t per_block =
-        engine::KvCacheShape{config.num_layers, config.num_kv_heads, config.head_dim, block_size, 0}
-            .BytesPerBlock();
-    const auto n = static_cast<int64_t>(v * static_cast<double>(scale)) / per_block;
-    if (n < 1) {
-      return absl::InvalidArgumentError(StrCat("--kv-cache-memory ", memory,
-                                               " holds no block of ", per_block, " bytes"));
+    if (!absl::SimpleAtod(text.substr(0, text.size() - unit.size()), &v) || !(v >= 1) ||
+        v * static_cast<double>(scale) > 9e18) {
+      break;
     }
-    return n;
+    return static_cast<int64_t>(v * static_cast<double>(scale));
   }
-  return absl::InvalidArgumentError(StrCat("--kv-cache-memory: cannot read '", memory,
-                                           "' (examples: 2GiB, 512MiB, 1000000)"));
+  return absl::InvalidArgumentError(
+      StrCat(flag, ": cannot read '", text, "' (examples: 2GiB, 512MiB, 1000000)"));
 }
 
 void AddKvUsage(const engine::KvUsage& kv, nlohmann::json& usage) {

@@ -30,10 +30,8 @@ void AddKvFlags(ArgParser& parser, KvFlags* flags);
 // Parses and validates against the model's context length.
 absl::StatusOr<KvPolicyConfig> KvPolicyFromFlags(const KvFlags& flags, int64_t context_length);
 
-// The KV pool in blocks of `block_size` tokens: `blocks` when positive, else
-// as many as fit in `memory` ("2GiB", "512MiB", "1000000" bytes).
-absl::StatusOr<int64_t> KvPoolBlocks(const engine::ModelConfig& config, int64_t block_size,
-                                     int64_t blocks, const std::string& memory);
+// A size in bytes: "2GiB", "512MiB", "1.5GB", "1000000". Errors name `flag`.
+absl::StatusOr<int64_t> ParseByteSize(const std::string& text, std::string_view flag);
 
 // Adds kv_tokens_resident, kv_tokens_full_equivalent, kv_bytes_resident,
 // kv_bytes_saved and kv_tokens_evicted to `usage`.

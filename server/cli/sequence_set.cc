@@ -2,18 +2,33 @@
 
 #include <algorithm>
 
+#include "common/status.h"
 #include "common/strings.h"
+#include "engine/backend/backend_registry.h"
 
 namespace morphserve::cli {
 
-SequenceSet::SequenceSet(const engine::Model& model, ThreadPool* pool,
-                         engine::ForwardOptions options, int64_t block_size, int64_t num_blocks)
+SequenceSet::SequenceSet(const engine::Model& model, engine::ForwardBackend* backend)
     : model_(model),
-      block_size_(block_size),
-      cache_({model.config.num_layers, model.config.num_kv_heads, model.config.head_dim,
-              block_size, num_blocks}),
-      forward_(model, pool, options),
-      blocks_(static_cast<int32_t>(num_blocks)) {}
+      backend_(backend),
+      block_size_(backend->cache_shape().block_size),
+      blocks_(static_cast<int32_t>(backend->cache_shape().num_blocks)) {}
+
+absl::StatusOr<std::unique_ptr<engine::ForwardBackend>> OfflineBackend(
+    const engine::Model& model, const std::string& device, int64_t threads, int64_t block_size,
+    int64_t num_blocks, bool reference_kernels, std::span<const KvPolicyKind> policies) {
+  if (threads < 0) return absl::InvalidArgumentError("--threads must be at least 0");
+  engine::BackendOptions options;
+  ASSIGN_OR_RETURN(options.device, engine::ResolveDevice(device));
+  options.block_size = block_size;
+  options.num_blocks = num_blocks;
+  options.threads = static_cast<int>(threads);
+  options.forward.reference_kernels = reference_kernels;
+  ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> backend,
+                   engine::CreateBackend(model, options));
+  for (KvPolicyKind policy : policies) RETURN_IF_ERROR(backend->SupportsPolicy(policy));
+  return backend;
+}
 
 int64_t SequenceSet::BlocksFor(const KvPolicyConfig& policy, int64_t prompt_tokens,
                                int64_t max_new_tokens, int64_t block_size) {
@@ -32,7 +47,8 @@ absl::StatusOr<int> SequenceSet::Add(const KvPolicyConfig& policy, int64_t promp
                " are unreserved"));
   }
   reserved_blocks_ += seq->reserved_blocks;
-  seq->kv = std::make_unique<engine::KvSequence>(policy, cache_.shape(), model_.config.num_heads,
+  seq->kv = std::make_unique<engine::KvSequence>(policy, backend_->cache_shape(),
+                                                 model_.config.num_heads,
                                                  max_slots);
   sequences_.push_back(std::move(seq));
   return static_cast<int>(sequences_.size() - 1);
@@ -65,7 +81,7 @@ absl::Status SequenceSet::Step(std::span<const Work> work, std::vector<float>* l
     tokens_.insert(tokens_.end(), w.tokens.begin(), w.tokens.end());
   }
   peak_blocks_used_ = std::max<int64_t>(peak_blocks_used_, blocks_.num_used());
-  const absl::Status s = forward_.Forward({tokens_, inputs_, /*all_logits=*/false}, cache_, logits);
+  const absl::Status s = backend_->Forward({tokens_, inputs_, /*all_logits=*/false}, logits);
   // Blocks past the slots still in use go back at once (a policy's first
   // selection gathers what it keeps into the first blocks).
   for (const Work& w : work) {

@@ -11,14 +11,13 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/kv_policy.h"
-#include "common/thread_pool.h"
+#include "engine/backend/forward_backend.h"
 #include "engine/kv/kv_sequence.h"
-#include "engine/kv/paged_kv_cache.h"
-#include "engine/model/llama_forward.h"
 #include "engine/model/model.h"
 #include "scheduler/block_pool.h"
 
@@ -26,9 +25,9 @@ namespace morphserve::cli {
 
 class SequenceSet {
  public:
-  // `num_blocks` of `block_size` tokens; `model` and `pool` must outlive it.
-  SequenceSet(const engine::Model& model, ThreadPool* pool, engine::ForwardOptions options,
-              int64_t block_size, int64_t num_blocks);
+  // Runs on `backend`, whose whole KV pool it hands out; `model` and
+  // `backend` must outlive it (several sets may use one backend in turn).
+  SequenceSet(const engine::Model& model, engine::ForwardBackend* backend);
 
   // Blocks of `block_size` that a sequence with this policy and these lengths
   // reserves.
@@ -65,9 +64,8 @@ class SequenceSet {
   int64_t Blocks(int64_t slots) const { return (slots + block_size_ - 1) / block_size_; }
 
   const engine::Model& model_;
+  engine::ForwardBackend* backend_;
   int64_t block_size_;
-  engine::PagedKvCache cache_;
-  engine::LlamaForward forward_;
   scheduler::BlockPool blocks_;
   int64_t reserved_blocks_ = 0;
   int64_t peak_blocks_used_ = 0;
@@ -75,6 +73,13 @@ class SequenceSet {
   std::vector<engine::SequenceInput> inputs_;
   std::vector<int32_t> tokens_;
 };
+
+// The backend an offline command runs on: `device` as --device takes it,
+// with a pool of exactly `num_blocks` blocks; refuses `policies` the device
+// does not run.
+absl::StatusOr<std::unique_ptr<engine::ForwardBackend>> OfflineBackend(
+    const engine::Model& model, const std::string& device, int64_t threads, int64_t block_size,
+    int64_t num_blocks, bool reference_kernels, std::span<const KvPolicyKind> policies);
 
 }  // namespace morphserve::cli
 

@@ -159,9 +159,12 @@ absl::Status Run(const ServeOptions& o) {
   defaults.max_new_tokens_limit =
       o.max_new_tokens_limit > 0 ? o.max_new_tokens_limit : cfg.context_length;
   defaults.max_new_tokens = std::min(o.max_new_tokens, defaults.max_new_tokens_limit);
-  ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine, cfg));
+  ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
   engine_options.max_queue = o.max_queue;
-  server::EngineLoop engine(*model, engine_options);
+  ASSIGN_OR_RETURN(const std::unique_ptr<server::EngineLoop> engine_loop,
+                   server::EngineLoop::Create(*model, engine_options));
+  server::EngineLoop& engine = *engine_loop;
+  RETURN_IF_ERROR(engine.SupportsPolicy(defaults.kv.kind));
   server::GenerationService service(*model, &engine, defaults);
   service.set_log_prompts(o.log_prompts);
 
@@ -177,7 +180,7 @@ absl::Status Run(const ServeOptions& o) {
   if (server == nullptr || port == 0) {
     return absl::UnavailableError(StrCat("cannot listen on ", o.host, ":", o.port));
   }
-  const server::ServerInfo info{kVersion,         kGitCommit, engine_options.device,
+  const server::ServerInfo info{kVersion,         kGitCommit, engine.options().device,
                                 cfg.architecture, o.model,    cfg.context_length};
   std::atomic<bool> ready{false};  // what health and /readyz report
   std::unique_ptr<server::MetricsHttpServer> metrics;
@@ -197,8 +200,8 @@ absl::Status Run(const ServeOptions& o) {
   ready = true;
   std::printf(
       "morphserve: serving %s on %s:%d (%lld KV blocks of %lld tokens), metrics on %d\n",
-      o.model.c_str(), o.host.c_str(), port, static_cast<long long>(engine_options.num_blocks),
-      static_cast<long long>(engine_options.block_size), metrics != nullptr ? metrics->port() : -1);
+      o.model.c_str(), o.host.c_str(), port, static_cast<long long>(engine.options().num_blocks),
+      static_cast<long long>(engine.options().block_size), metrics != nullptr ? metrics->port() : -1);
   std::fflush(stdout);
 
   std::signal(SIGTERM, OnStopSignal);

@@ -229,6 +229,12 @@ TEST(CliTest, DeviceFlagSelectsABackendOrSaysWhyNot) {
     EXPECT_EQ(r.exit_code, 1) << device;
     EXPECT_THAT(r.out, HasSubstr("--device")) << device;
   }
+  const Result utilization = RunCli(base + "--gpu-memory-utilization 1.5", true);
+  EXPECT_EQ(utilization.exit_code, 1);
+  EXPECT_THAT(utilization.out, HasSubstr("--gpu-memory-utilization"));
+  const Result memory = RunCli(base + "--kv-cache-memory lots", true);
+  EXPECT_EQ(memory.exit_code, 1);
+  EXPECT_THAT(memory.out, HasSubstr("--kv-cache-memory"));
   const Result admission = RunCli(base + "--full-admission sometimes", true);
   EXPECT_EQ(admission.exit_code, 1);
   EXPECT_THAT(admission.out, HasSubstr("--full-admission"));

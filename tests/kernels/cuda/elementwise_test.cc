@@ -185,6 +185,53 @@ TEST_F(ElementwiseCudaTest, RopeMatchesCpuInBothStyles) {
   }
 }
 
+TEST_F(ElementwiseCudaTest, AddBiasRoundsOnceAndLeavesTheStrideGapAlone) {
+  std::mt19937 rng(14);
+  for (const RowShape& s : kRowShapes) {
+    const int64_t stride = s.n + 5;  // a slice of a wider (fused) row
+    const std::vector<uint16_t> x = RandomBf16(s.n_tokens * stride, 1.0f, rng);
+    const std::vector<float> bias = RandomF32(s.n, 0.5f, rng);
+    std::vector<uint16_t> expected = x;
+    for (int64_t t = 0; t < s.n_tokens; ++t) {
+      for (int64_t i = 0; i < s.n; ++i) {
+        uint16_t& v = expected[t * stride + i];
+        v = FloatToBF16(BF16ToFloat(v) + bias[i]);
+      }
+    }
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(x));
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_bias, Upload(bias));
+    ASSERT_OK(AddBias(d_x.as<__nv_bfloat16>(), d_bias.as<float>(), s.n, s.n_tokens, stride,
+                      stream_));
+    ASSERT_OK(Sync());
+    ASSERT_OK_AND_ASSIGN(const std::vector<uint16_t> got, d_x.ToHost<uint16_t>());
+    EXPECT_EQ(got, expected) << "n_tokens=" << s.n_tokens << " n=" << s.n;
+  }
+}
+
+TEST_F(ElementwiseCudaTest, GatherRowsCopiesTheChosenRows) {
+  std::mt19937 rng(15);
+  for (const RowShape& s : kRowShapes) {
+    const std::vector<uint16_t> x = RandomBf16(s.n_tokens * s.n, 1.0f, rng);
+    // Every other row, the last one, and one row twice.
+    std::vector<int32_t> rows;
+    for (int64_t t = 0; t < s.n_tokens; t += 2) rows.push_back(static_cast<int32_t>(t));
+    rows.push_back(static_cast<int32_t>(s.n_tokens - 1));
+    rows.push_back(0);
+    std::vector<uint16_t> expected;
+    for (int32_t r : rows) {
+      expected.insert(expected.end(), x.begin() + r * s.n, x.begin() + (r + 1) * s.n);
+    }
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_x, Upload(x));
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_rows, Upload(rows));
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_out, Poisoned<uint16_t>(expected.size()));
+    ASSERT_OK(GatherRows(d_x.as<__nv_bfloat16>(), s.n, d_rows.as<int32_t>(),
+                         d_out.as<__nv_bfloat16>(), static_cast<int64_t>(rows.size()), stream_));
+    ASSERT_OK(Sync());
+    ASSERT_OK_AND_ASSIGN(const std::vector<uint16_t> got, d_out.ToHost<uint16_t>());
+    EXPECT_EQ(got, expected) << "n_tokens=" << s.n_tokens << " n=" << s.n;
+  }
+}
+
 // Argument checks come before any CUDA call, so these need no GPU.
 TEST(ElementwiseCudaArgsTest, RejectsBadShapesWithoutLaunching) {
   EXPECT_EQ(
@@ -200,7 +247,13 @@ TEST(ElementwiseCudaArgsTest, RejectsBadShapesWithoutLaunching) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(RmsNorm(nullptr, nullptr, 1e-5f, 0, nullptr, 1, nullptr).code(),
             absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(AddBias(nullptr, nullptr, 64, 1, 63, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(GatherRows(nullptr, 0, nullptr, nullptr, 1, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
   // Nothing to do is not an error, and launches nothing.
+  EXPECT_TRUE(AddBias(nullptr, nullptr, 64, 0, 64, nullptr).ok());
+  EXPECT_TRUE(GatherRows(nullptr, 64, nullptr, nullptr, 0, nullptr).ok());
   EXPECT_TRUE(RmsNorm(nullptr, nullptr, 1e-5f, 64, nullptr, 0, nullptr).ok());
   EXPECT_TRUE(AddRmsNorm(nullptr, nullptr, nullptr, 1e-5f, 64, nullptr, 0, nullptr).ok());
   EXPECT_TRUE(SiluMul(nullptr, nullptr, 64, nullptr, 0, 64, nullptr).ok());

@@ -1,0 +1,42 @@
+// The CPU forward pass (LlamaForward) over an f32 paged KV pool in host
+// memory, on its own worker threads: the reference backend, and the default
+// where no GPU is visible.
+#ifndef MORPHSERVE_ENGINE_BACKEND_CPU_BACKEND_H_
+#define MORPHSERVE_ENGINE_BACKEND_CPU_BACKEND_H_
+
+#include <cstdint>
+#include <string_view>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "engine/backend/forward_backend.h"
+#include "engine/kv/paged_kv_cache.h"
+#include "engine/model/llama_forward.h"
+#include "engine/model/model.h"
+
+namespace morphserve::engine {
+
+class CpuBackend final : public ForwardBackend {
+ public:
+  // Allocates the pool of `num_blocks` blocks of `block_size` slots once and
+  // starts `threads` workers (0: one per core). `model` must outlive the
+  // backend.
+  CpuBackend(const Model& model, int threads, int64_t num_blocks, int64_t block_size,
+             ForwardOptions options = {});
+
+  std::string_view device() const override { return "cpu"; }
+  const KvCacheShape& cache_shape() const override { return cache_.shape(); }
+  absl::Status SupportsPolicy(KvPolicyKind) const override { return absl::OkStatus(); }
+  absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override {
+    return forward_.Forward(batch, cache_, logits);
+  }
+
+ private:
+  ThreadPool pool_;
+  PagedKvCache cache_;
+  LlamaForward forward_;
+};
+
+}  // namespace morphserve::engine
+
+#endif  // MORPHSERVE_ENGINE_BACKEND_CPU_BACKEND_H_

@@ -1,0 +1,129 @@
+// The forward pass on one NVIDIA GPU: bf16 weights (GGUF quantized types
+// dequantized at load), a bf16 paged KV pool allocated once after them,
+// cuBLAS for every projection and MLP product over the step's tokens, and
+// the kernels of kernels/cuda for the rest. The KV policies' bookkeeping
+// (KvSequence) stays on the host; this backend runs the sequences whose
+// policy it supports (SupportsPolicy) and refuses the others.
+//
+// Each step uploads its metadata (token ids, positions, slot mapping, block
+// tables) in one copy, queues every kernel on the backend's stream, and
+// waits once, for the logits. Device memory is allocated at creation and
+// grows only when a step is larger than any before.
+#ifndef MORPHSERVE_ENGINE_BACKEND_CUDA_BACKEND_H_
+#define MORPHSERVE_ENGINE_BACKEND_CUDA_BACKEND_H_
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend/forward_backend.h"
+#include "engine/model/model.h"
+#include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/matmul.h"
+
+namespace morphserve::engine {
+
+// OK when the CUDA runtime sees a device; FAILED_PRECONDITION saying why not.
+absl::Status CudaDeviceVisible();
+
+struct CudaBackendOptions {
+  int64_t block_size = 16;
+  // 0: as many blocks as gpu_memory_utilization leaves after the weights and
+  // the step's working memory.
+  int64_t num_blocks = 0;
+  double gpu_memory_utilization = 0.9;
+  // The step size the working memory is first sized for (a larger step
+  // grows it once): tokens, and sequences (rows of logits).
+  int64_t max_step_tokens = 2048;
+  int64_t max_step_sequences = 256;
+};
+
+class CudaBackend final : public ForwardBackend {
+ public:
+  // Uploads `model`'s weights to device 0 and allocates the KV pool; `model`
+  // must outlive the backend.
+  static absl::StatusOr<std::unique_ptr<CudaBackend>> Create(const Model& model,
+                                                             const CudaBackendOptions& options);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string_view device() const override { return "cuda"; }
+  const KvCacheShape& cache_shape() const override { return shape_; }
+  absl::Status SupportsPolicy(KvPolicyKind policy) const override;
+  absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+
+ private:
+  using DeviceBuffer = kernels::cuda::DeviceBuffer;
+
+  struct Layer {
+    DeviceBuffer attn_norm, ffn_norm;  // f32 [hidden]
+    DeviceBuffer qkv;                  // bf16 [q_dim + 2 kv_dim][hidden]: wq, wk, wv
+    DeviceBuffer qkv_bias;             // f32 [q_dim + 2 kv_dim]; empty without biases
+    DeviceBuffer wo;                   // bf16 [hidden][q_dim]
+    DeviceBuffer gate_up;              // bf16 [2 intermediate][hidden]: w_gate, w_up
+    DeviceBuffer down;                 // bf16 [hidden][intermediate]
+  };
+
+  // Page-locked host memory (cudaMallocHost), for the step's copies.
+  struct PinnedDeleter {
+    void operator()(void* p) const;
+  };
+  using Pinned = std::unique_ptr<void, PinnedDeleter>;
+
+  CudaBackend(const Model& model, kernels::cuda::Cublas cublas);
+  absl::Status UploadWeights();
+  absl::Status AllocatePool(const CudaBackendOptions& options);
+  // Sizes the working memory for steps of up to `tokens` tokens and `rows`
+  // rows of logits (growing only).
+  absl::Status Reserve(int64_t tokens, int64_t rows);
+  absl::Status ReserveMetadata(size_t entries);
+  // Sets meta_at_ and table_stride_ for the step, then writes its metadata
+  // into the pinned staging buffer.
+  void LayOutMetadata(const ForwardBatch& batch, int64_t rows);
+  void StageMetadata(const ForwardBatch& batch);
+  absl::Status RunLayers(int64_t n);
+
+  const Model& model_;
+  cudaStream_t stream_ = nullptr;
+  kernels::cuda::Cublas cublas_;
+  KvCacheShape shape_;
+
+  DeviceBuffer embedding_;      // bf16 [vocab][hidden]
+  DeviceBuffer output_;         // bf16 [vocab][hidden]; empty when tied to the embedding
+  DeviceBuffer output_norm_;    // f32 [hidden]
+  DeviceBuffer rope_inv_freq_;  // f32 [rope_dim / 2]
+  std::vector<Layer> layers_;
+  DeviceBuffer k_cache_, v_cache_;  // bf16 [layer][block][kv_head][slot][head_dim]
+
+  // Working memory, for capacity_tokens_ tokens and capacity_rows_ rows.
+  int64_t capacity_tokens_ = 0;
+  int64_t capacity_rows_ = 0;
+  int64_t table_stride_ = 0;     // block-table columns per attention row, this step
+  int64_t max_context_ = 0;      // the longest context the pool allows
+  DeviceBuffer x_, delta_;       // f32 [tokens][hidden]: residual stream, its update
+  DeviceBuffer xn_;              // bf16 [tokens][hidden]
+  DeviceBuffer qkv_;             // bf16 [tokens][q_dim + 2 kv_dim]
+  DeviceBuffer attn_;            // bf16 [tokens][q_dim]
+  DeviceBuffer gate_up_;         // bf16 [tokens][2 intermediate]
+  DeviceBuffer act_;             // bf16 [tokens][intermediate]
+  DeviceBuffer last_;            // bf16 [rows][hidden]
+  DeviceBuffer logits_;          // f32 [rows][vocab]
+  DeviceBuffer attn_scratch_;    // PagedAttention's split-context scratch
+  DeviceBuffer meta_;            // int32: the staged metadata
+  Pinned meta_host_, logits_host_;
+  size_t meta_capacity_ = 0;     // int32 entries in meta_ / meta_host_
+  // Offsets (int32 entries) into the staged metadata of the current step.
+  struct MetaLayout {
+    size_t tokens, positions, context, rows, slots, tables, total;
+  } meta_at_{};
+  int64_t attention_rows_ = 0;   // rows PagedAttention runs at once
+};
+
+}  // namespace morphserve::engine
+
+#endif  // MORPHSERVE_ENGINE_BACKEND_CUDA_BACKEND_H_

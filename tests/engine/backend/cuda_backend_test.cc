@@ -1,0 +1,266 @@
+// The CUDA backend against the CPU reference backend, end to end: the same
+// prompts through both, greedy, with prefill in chunks and several
+// sequences per step over scrambled block tables. Logits agree within bf16
+// tolerance at every step, and the greedy tokens are the same (a near-tie
+// in the CPU's own logits is the only allowed divergence, and ends the
+// comparison). Skips without a GPU, like every `cuda` test.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/kv_policy.h"
+#include "engine/backend/backend_registry.h"
+#include "engine/backend/cpu_backend.h"
+#include "engine/backend/forward_backend.h"
+#include "engine/kv/kv_sequence.h"
+#include "engine/model/model.h"
+#include "engine/sampler/sampler.h"
+#include "tests/engine/model/hf_test_util.h"
+#include "tests/kernels/cuda/cuda_test_util.h"
+
+namespace morphserve::engine {
+namespace {
+
+// Greedy tokens and the logits behind each, per sequence.
+struct Generation {
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<std::vector<std::vector<float>>> logits;
+};
+
+// Runs `prompts` together on `backend`: prefill in chunks of `chunk` tokens
+// (every sequence in the same steps, the shorter ones dropping out), then
+// `steps` decode steps of all of them. Each sequence's blocks come from one
+// shuffled pool.
+Generation Generate(ForwardBackend& backend, const Model& model,
+                    const std::vector<std::vector<int32_t>>& prompts, int64_t chunk,
+                    int64_t steps, absl::Status* error) {
+  const KvCacheShape& shape = backend.cache_shape();
+  const int64_t n = static_cast<int64_t>(prompts.size());
+  int64_t longest = 0;
+  for (const auto& p : prompts) longest = std::max<int64_t>(longest, p.size());
+  const int64_t per_seq = (longest + steps + shape.block_size - 1) / shape.block_size;
+  std::vector<int32_t> pool(static_cast<size_t>(shape.num_blocks));
+  std::iota(pool.begin(), pool.end(), 0);
+  std::mt19937 rng(3);
+  std::shuffle(pool.begin(), pool.end(), rng);
+  std::vector<std::vector<int32_t>> tables(n);
+  std::vector<std::unique_ptr<KvSequence>> kv;
+  for (int64_t s = 0; s < n; ++s) {
+    tables[s].assign(pool.begin() + s * per_seq, pool.begin() + (s + 1) * per_seq);
+    kv.push_back(std::make_unique<KvSequence>(KvPolicyConfig{}, shape, model.config.num_heads,
+                                              per_seq * shape.block_size));
+  }
+  Generation out;
+  out.tokens.resize(n);
+  out.logits.resize(n);
+  std::vector<float> logits;
+  std::vector<int32_t> batch_tokens;
+  std::vector<SequenceInput> inputs;
+  std::vector<int64_t> members;
+  const int64_t vocab = model.config.vocab_size;
+  const auto step = [&](bool prefill, int64_t begin) {
+    batch_tokens.clear();
+    inputs.clear();
+    members.clear();
+    for (int64_t s = 0; s < n; ++s) {
+      std::vector<int32_t> next;
+      bool pending = false;
+      if (prefill) {
+        const int64_t len = static_cast<int64_t>(prompts[s].size());
+        if (begin >= len) continue;
+        const int64_t count = std::min(chunk, len - begin);
+        next.assign(prompts[s].begin() + begin, prompts[s].begin() + begin + count);
+        pending = begin + count < len;
+      } else {
+        next = {out.tokens[s].back()};
+      }
+      inputs.push_back({static_cast<int64_t>(batch_tokens.size()),
+                        static_cast<int64_t>(next.size()), kv[s]->num_tokens(), tables[s],
+                        kv[s].get(), pending});
+      batch_tokens.insert(batch_tokens.end(), next.begin(), next.end());
+      members.push_back(s);
+    }
+    *error = backend.Forward({batch_tokens, inputs, /*all_logits=*/false}, &logits);
+    if (!error->ok()) return;
+    for (size_t i = 0; i < members.size(); ++i) {
+      if (inputs[i].prompt_pending) continue;
+      const std::vector<float> row(logits.begin() + i * vocab, logits.begin() + (i + 1) * vocab);
+      out.tokens[members[i]].push_back(ArgMax(row));
+      out.logits[members[i]].push_back(row);
+    }
+  };
+  for (int64_t begin = 0; begin < longest && error->ok(); begin += chunk) step(true, begin);
+  for (int64_t i = 1; i < steps && error->ok(); ++i) step(false, 0);
+  return out;
+}
+
+double MaxAbs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, std::fabs(static_cast<double>(x)));
+  return m;
+}
+
+// Compares the CUDA generation with the CPU's: logits within `rel_tol` of
+// the CPU's largest logit at every step until the tokens part, which only a
+// near-tie in the CPU's logits may explain.
+void ExpectSameGreedy(const Generation& cpu, const Generation& gpu, double rel_tol) {
+  ASSERT_EQ(cpu.tokens.size(), gpu.tokens.size());
+  for (size_t s = 0; s < cpu.tokens.size(); ++s) {
+    ASSERT_EQ(cpu.tokens[s].size(), gpu.tokens[s].size());
+    for (size_t i = 0; i < cpu.tokens[s].size(); ++i) {
+      const std::vector<float>& want = cpu.logits[s][i];
+      const std::vector<float>& got = gpu.logits[s][i];
+      const double scale = MaxAbs(want);
+      double worst = 0;
+      for (size_t v = 0; v < want.size(); ++v) {
+        worst = std::max(worst, std::fabs(static_cast<double>(got[v]) - want[v]));
+      }
+      EXPECT_LE(worst, rel_tol * scale) << "sequence " << s << " step " << i;
+      if (cpu.tokens[s][i] != gpu.tokens[s][i]) {
+        const double gap = want[cpu.tokens[s][i]] - want[gpu.tokens[s][i]];
+        EXPECT_LE(gap, rel_tol * scale)
+            << "sequence " << s << " step " << i << ": CUDA chose " << gpu.tokens[s][i]
+            << ", CPU " << cpu.tokens[s][i] << ", not a near-tie";
+        break;  // the sequences differ from here on
+      }
+    }
+  }
+}
+
+std::vector<std::vector<int32_t>> RandomPrompts(const std::vector<int64_t>& lengths,
+                                                int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int64_t len : lengths) {
+    std::vector<int32_t> p(static_cast<size_t>(len));
+    for (int32_t& t : p) t = static_cast<int32_t>(rng() % vocab);
+    prompts.push_back(std::move(p));
+  }
+  return prompts;
+}
+
+class CudaBackendTest : public testing::CudaTest {
+ protected:
+  // A dummy model of `spec`'s shape (bf16 weights, so both backends read the
+  // same values).
+  std::unique_ptr<Model> TinyModel(const testing::TinySpec& spec, std::string_view arch) {
+    const std::string dir = tmp_.Subdir(arch);
+    testing::WriteFile(dir + "/config.json", testing::TinyConfigJson(spec, arch));
+    ModelLoadOptions load;
+    load.path = dir;
+    load.format = LoadFormat::kDummy;
+    load.dummy_seed = 5;
+    absl::StatusOr<std::unique_ptr<Model>> model = LoadModel(load);
+    EXPECT_TRUE(model.ok()) << model.status();
+    return model.ok() ? std::move(model).value() : nullptr;
+  }
+
+  void CompareOn(const Model& model, const std::vector<std::vector<int32_t>>& prompts,
+                 int64_t chunk, int64_t steps, int64_t block_size, double rel_tol) {
+    const int64_t blocks = 8 + static_cast<int64_t>(prompts.size()) *
+                                   ((model.config.context_length + block_size - 1) / block_size);
+    CpuBackend cpu(model, 2, blocks, block_size);
+    BackendOptions options;
+    options.device = "cuda";
+    options.block_size = block_size;
+    options.num_blocks = blocks;
+    absl::StatusOr<std::unique_ptr<ForwardBackend>> gpu = CreateBackend(model, options);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    EXPECT_EQ((*gpu)->device(), "cuda");
+    EXPECT_EQ((*gpu)->cache_shape().num_blocks, blocks);
+    EXPECT_EQ((*gpu)->cache_shape().element_bytes, 2);
+    absl::Status cpu_error, gpu_error;
+    const Generation want = Generate(cpu, model, prompts, chunk, steps, &cpu_error);
+    const Generation got = Generate(**gpu, model, prompts, chunk, steps, &gpu_error);
+    ASSERT_TRUE(cpu_error.ok()) << cpu_error;
+    ASSERT_TRUE(gpu_error.ok()) << gpu_error;
+    ExpectSameGreedy(want, got, rel_tol);
+  }
+
+  testing::TempDir tmp_;
+};
+
+TEST_F(CudaBackendTest, TinyLlamaGreedyMatchesCpuAcrossChunksAndSequences) {
+  testing::TinySpec spec;
+  spec.hidden = 256;
+  spec.heads = 4;
+  spec.kv_heads = 2;
+  spec.head_dim = 64;
+  spec.ffn = 320;
+  spec.vocab = 300;
+  spec.context = 256;
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  // Lengths 1, 17 and one past several blocks; chunks of 16 so the long
+  // prompt prefills over several steps beside the others' decodes.
+  CompareOn(*model, RandomPrompts({1, 17, 70}, spec.vocab, 1), 16, 12, 7, 0.03);
+}
+
+TEST_F(CudaBackendTest, Qwen2BiasesAndGroupsOfThreeMatchCpu) {
+  testing::TinySpec spec;
+  spec.qwen2 = true;
+  spec.hidden = 384;
+  spec.heads = 6;
+  spec.kv_heads = 2;
+  spec.head_dim = 64;
+  spec.ffn = 256;
+  spec.vocab = 257;
+  spec.context = 256;
+  spec.tied = true;
+  const std::unique_ptr<Model> model = TinyModel(spec, "Qwen2ForCausalLM");
+  ASSERT_NE(model, nullptr);
+  CompareOn(*model, RandomPrompts({5, 33}, spec.vocab, 2), 64, 10, 16, 0.03);
+}
+
+TEST_F(CudaBackendTest, FixtureModelGreedyMatchesCpu) {
+  const char* dir = std::getenv("MORPHSERVE_MODELS_DIR");
+  const std::string path = std::string(dir != nullptr ? dir : MORPHSERVE_SOURCE_DIR "/models") +
+                           "/SmolLM2-135M-Instruct.Q4_1.gguf";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "no " << path;
+  absl::StatusOr<std::unique_ptr<Model>> model = LoadModel({.path = path});
+  ASSERT_TRUE(model.ok()) << model.status();
+  // Q4_1 weights become bf16 on the GPU; the CPU reads them exactly.
+  CompareOn(**model, RandomPrompts({40, 9}, 32000, 3), 32, 16, 16, 0.05);
+}
+
+TEST_F(CudaBackendTest, BadBatchesAreErrorsAndLeaveTheBackendWorking) {
+  testing::TinySpec spec;
+  spec.hidden = 128;
+  spec.heads = 2;
+  spec.kv_heads = 1;
+  spec.head_dim = 64;
+  spec.vocab = 100;
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  BackendOptions options;
+  options.device = "cuda";
+  options.num_blocks = 4;
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> gpu = CreateBackend(*model, options);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  std::vector<float> logits;
+  const std::vector<int32_t> table = {2};
+  const std::vector<int32_t> bad_token = {100};
+  const SequenceInput seq{0, 1, 0, table, nullptr, false};
+  EXPECT_EQ((*gpu)->Forward({bad_token, {&seq, 1}}, &logits).code(),
+            absl::StatusCode::kInvalidArgument);
+  const std::vector<int32_t> outside = {4};
+  const SequenceInput far{0, 1, 0, outside, nullptr, false};
+  const std::vector<int32_t> token = {7};
+  EXPECT_EQ((*gpu)->Forward({token, {&far, 1}}, &logits).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE((*gpu)->Forward({token, {&seq, 1}}, &logits).ok());
+  EXPECT_EQ(logits.size(), static_cast<size_t>(spec.vocab));
+  EXPECT_TRUE(std::all_of(logits.begin(), logits.end(), [](float v) { return std::isfinite(v); }));
+  EXPECT_TRUE((*gpu)->SupportsPolicy(KvPolicyKind::kFull).ok());
+}
+
+}  // namespace
+}  // namespace morphserve::engine
