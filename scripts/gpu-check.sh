@@ -4,7 +4,8 @@
 #   2. runs the tests labelled `cuda` with MORPHSERVE_REQUIRE_GPU=1, so that
 #      a test that cannot see the GPU fails instead of skipping;
 #   3. runs the rest of the suite;
-#   4. runs the GPU benchmarks: every bench_cuda_* binary the build made;
+#   4. runs the GPU benchmarks: every bench_cuda_* binary the build made,
+#      each with --json DIR/gpu-check/NAME.json;
 #   5. prints a summary table (markdown).
 #
 #   scripts/gpu-check.sh [--build-dir DIR] [-- extra cmake configure args]
@@ -86,9 +87,9 @@ MORPHSERVE_REQUIRE_GPU=1 run_ctest cuda -L cuda
 MORPHSERVE_MODELS_DIR="${MORPHSERVE_MODELS_DIR:-$root/models}" \
   run_ctest other -LE cuda -j "$(nproc)"
 
-# GPU benchmarks: Google Benchmark binaries named bench_cuda_* (add them in
-# benchmarks/CMakeLists.txt when MORPHSERVE_WITH_CUDA is on); each one's
-# JSON report goes to $logs/.
+# GPU benchmarks: binaries named bench_cuda_* (benchmarks/CMakeLists.txt adds
+# them when MORPHSERVE_WITH_CUDA is on); each prints a table and writes its
+# JSON report to $logs/.
 benches=()
 while IFS= read -r -d '' bench; do
   benches+=("$bench")
@@ -99,7 +100,7 @@ if ((${#benches[@]})); then
   for bench in "${benches[@]}"; do
     name=$(basename "$bench")
     echo "[gpu-check] $name" >&2
-    if ! "$bench" --benchmark_out="$logs/$name.json" --benchmark_out_format=json >&2; then
+    if ! "$bench" --json "$logs/$name.json" | tee "$logs/$name.md" >&2; then
       bench_status="failed ($name)"
     fi
   done

@@ -27,6 +27,7 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(const engine::Mod
   backend.num_blocks = options.num_blocks;
   backend.kv_cache_bytes = options.kv_cache_bytes;
   backend.gpu_memory_utilization = options.gpu_memory_utilization;
+  backend.policies = options.policies;
   backend.threads = options.threads;
   backend.forward.reference_kernels = options.reference_kernels;
   ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> created,

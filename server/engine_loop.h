@@ -37,6 +37,8 @@ struct EngineOptions {
   int64_t num_blocks = 0;
   int64_t kv_cache_bytes = 0;
   double gpu_memory_utilization = 0.9;
+  // Policies requests will mostly use: `auto` picks a device that runs them.
+  std::vector<KvPolicyKind> policies = {};
   int64_t block_size = 16;
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;

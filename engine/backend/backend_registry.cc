@@ -1,5 +1,7 @@
 #include "engine/backend/backend_registry.h"
 
+#include <spdlog/spdlog.h>
+
 #include "common/status.h"
 #include "common/strings.h"
 #include "engine/backend/cpu_backend.h"
@@ -22,7 +24,7 @@ absl::StatusOr<std::string> ResolveDevice(std::string_view requested) {
   if (requested == "auto" || requested == "cuda") {
 #ifdef MORPHSERVE_WITH_CUDA
     const absl::Status visible = CudaDeviceVisible();
-    if (visible.ok()) return std::string("cuda");
+    if (visible.ok()) return std::string(requested);
     if (requested == "cuda") return visible;
 #else
     if (requested == "cuda") {
@@ -65,13 +67,25 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> CreateBackend(const Model& model
                                         options.forward);
   }
 #ifdef MORPHSERVE_WITH_CUDA
-  if (options.device == "cuda") {
+  if (options.device == "cuda" || options.device == "auto") {
     CudaBackendOptions cuda{options.block_size, options.num_blocks,
                             options.gpu_memory_utilization};
     if (cuda.num_blocks == 0 && options.kv_cache_bytes > 0) {
       ASSIGN_OR_RETURN(cuda.num_blocks, blocks_in(options.kv_cache_bytes, 2));
     }
-    return CudaBackend::Create(model, cuda);
+    absl::StatusOr<std::unique_ptr<CudaBackend>> gpu = CudaBackend::Create(model, cuda);
+    absl::Status fit = gpu.status();
+    for (KvPolicyKind policy : options.policies) {
+      if (fit.ok()) fit = (*gpu)->SupportsPolicy(policy);
+    }
+    if (fit.ok() || options.device == "cuda") {
+      if (!gpu.ok()) return gpu.status();
+      return std::unique_ptr<ForwardBackend>(std::move(gpu).value());
+    }
+    spdlog::warn("--device auto: running on the CPU ({})", fit.message());
+    BackendOptions cpu = options;
+    cpu.device = "cpu";
+    return CreateBackend(model, cpu);
   }
 #endif
   return absl::InvalidArgumentError(StrCat("no backend for device '", options.device, "'"));

@@ -20,9 +20,10 @@ namespace morphserve::engine {
 // e.g. {"cpu"} or {"cpu", "cuda"}.
 std::vector<std::string> BuiltBackends();
 
-// The device that `--device requested` (auto, cpu or cuda) runs on: `auto`
-// is CUDA when it was built and a GPU is visible, else the CPU. `cuda`
-// without either is an error saying which is missing.
+// Checks `--device requested` (auto, cpu or cuda) against this binary and
+// machine: "cpu", "cuda", or "auto" when CUDA was built and a GPU is
+// visible (CreateBackend then decides); `auto` without a GPU is "cpu".
+// `cuda` without either is an error saying which is missing.
 absl::StatusOr<std::string> ResolveDevice(std::string_view requested);
 
 // The KV pool when no size is given: 1 GiB on the CPU; on CUDA, what
@@ -30,7 +31,11 @@ absl::StatusOr<std::string> ResolveDevice(std::string_view requested);
 inline constexpr int64_t kDefaultCpuKvCacheBytes = int64_t{1} << 30;
 
 struct BackendOptions {
-  std::string device = "cpu";  // a device ResolveDevice returned
+  // A device ResolveDevice returned. "auto" takes the GPU when the model
+  // and every policy in `policies` run there, else the CPU (with a warning
+  // saying why).
+  std::string device = "cpu";
+  std::vector<KvPolicyKind> policies = {};
   int64_t block_size = 16;
   // Pool size: num_blocks when positive, else as many blocks as
   // kv_cache_bytes holds when positive, else the device's default.

@@ -101,7 +101,8 @@ absl::Status Run(const BatchOptions& o) {
     }
   }
 
-  ASSIGN_OR_RETURN(const server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
+  ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
+  engine_options.policies = {base.kv.kind};
   ASSIGN_OR_RETURN(const std::unique_ptr<server::EngineLoop> engine_loop,
                    server::EngineLoop::Create(*model, engine_options));
   server::EngineLoop& engine = *engine_loop;

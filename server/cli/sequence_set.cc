@@ -24,6 +24,7 @@ absl::StatusOr<std::unique_ptr<engine::ForwardBackend>> OfflineBackend(
   options.num_blocks = num_blocks;
   options.threads = static_cast<int>(threads);
   options.forward.reference_kernels = reference_kernels;
+  options.policies.assign(policies.begin(), policies.end());
   ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> backend,
                    engine::CreateBackend(model, options));
   for (KvPolicyKind policy : policies) RETURN_IF_ERROR(backend->SupportsPolicy(policy));

@@ -161,6 +161,7 @@ absl::Status Run(const ServeOptions& o) {
   defaults.max_new_tokens = std::min(o.max_new_tokens, defaults.max_new_tokens_limit);
   ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
   engine_options.max_queue = o.max_queue;
+  engine_options.policies = {defaults.kv.kind};
   ASSIGN_OR_RETURN(const std::unique_ptr<server::EngineLoop> engine_loop,
                    server::EngineLoop::Create(*model, engine_options));
   server::EngineLoop& engine = *engine_loop;
