@@ -82,7 +82,7 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> CreateBackend(const Model& model
       if (!gpu.ok()) return gpu.status();
       return std::unique_ptr<ForwardBackend>(std::move(gpu).value());
     }
-    spdlog::warn("--device auto: running on the CPU ({})", fit.message());
+    spdlog::warn("--device auto: running on the CPU ({})", ToStd(fit.message()));
     BackendOptions cpu = options;
     cpu.device = "cpu";
     return CreateBackend(model, cpu);

@@ -19,6 +19,7 @@
 #include "kernels/cuda/embedding.h"
 #include "kernels/cuda/paged_attention.h"
 #include "kernels/cuda/paged_kv_write.h"
+#include "kernels/cuda/prefill_attention.h"
 
 namespace morphserve::engine {
 namespace {
@@ -253,21 +254,33 @@ absl::Status CudaBackend::SupportsPolicy(KvPolicyKind policy) const {
 void CudaBackend::LayOutMetadata(const ForwardBatch& batch, int64_t rows) {
   const ModelConfig& c = model_.config;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
-  // Block-table columns: as many as the longest table this step reads.
-  table_stride_ = 1;
+  // Single-token sequences (decodes) go first on the device, one attention
+  // row each; the prompt chunks follow, in batch order.
+  num_decode_ = 0;
+  prefill_max_len_ = 0;
+  table_stride_ = 1;  // block-table columns: the longest table this step reads
   for (const SequenceInput& seq : batch.sequences) {
+    if (seq.num_tokens == 1) {
+      ++num_decode_;
+    } else {
+      prefill_max_len_ = std::max(prefill_max_len_, seq.num_tokens);
+    }
     const int64_t context = seq.kv != nullptr ? seq.kv->ContextSlots(seq.num_tokens - 1)
                                               : seq.start_position + seq.num_tokens;
     table_stride_ = std::max(table_stride_, (context + shape_.block_size - 1) / shape_.block_size);
   }
+  num_prefill_ = static_cast<int64_t>(batch.sequences.size()) - num_decode_;
   MetaLayout& at = meta_at_;
   at.tokens = 0;
   at.positions = at.tokens + n;
-  at.context = at.positions + n;
-  at.rows = at.context + n;
+  at.rows = at.positions + n;
   at.slots = at.rows + rows;
-  at.tables = at.slots + c.num_layers * n * c.num_kv_heads;
-  at.total = at.tables + n * table_stride_;
+  at.decode_tables = at.slots + c.num_layers * n * c.num_kv_heads;
+  at.decode_context = at.decode_tables + num_decode_ * table_stride_;
+  at.prefill_tables = at.decode_context + num_decode_;
+  at.prefill_offsets = at.prefill_tables + num_prefill_ * table_stride_;
+  at.prefill_starts = at.prefill_offsets + num_prefill_ + 1;
+  at.total = at.prefill_starts + num_prefill_;
 }
 
 void CudaBackend::StageMetadata(const ForwardBatch& batch) {
@@ -277,30 +290,50 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
   const int64_t kv_heads = c.num_kv_heads;
   const MetaLayout& at = meta_at_;
   int32_t* m = static_cast<int32_t*>(meta_host_.get());
-  std::copy(batch.tokens.begin(), batch.tokens.end(), m + at.tokens);
-  int64_t row = 0;
+  const auto copy_table = [&](std::span<const int32_t> table, int32_t* out) {
+    const int64_t len = std::min<int64_t>(static_cast<int64_t>(table.size()), table_stride_);
+    std::copy_n(table.begin(), len, out);
+    std::fill(out + len, out + table_stride_, 0);
+  };
+  int64_t decode = 0;
+  int64_t prefill = 0;
+  int64_t prefill_row = num_decode_;  // device row of the next prompt chunk
+  int64_t logit_row = 0;
+  m[at.prefill_offsets] = 0;
   for (const SequenceInput& seq : batch.sequences) {
-    const std::span<const int32_t> table = seq.block_table;
-    const int64_t table_len = std::min<int64_t>(static_cast<int64_t>(table.size()), table_stride_);
+    int64_t first_row;  // the device row of the sequence's first token
+    if (seq.num_tokens == 1) {
+      first_row = decode;
+      copy_table(seq.block_table, m + at.decode_tables + decode * table_stride_);
+      m[at.decode_context + decode] = static_cast<int32_t>(
+          seq.kv != nullptr ? seq.kv->ContextSlots(0) : seq.start_position + 1);
+      ++decode;
+    } else {
+      first_row = prefill_row;
+      copy_table(seq.block_table, m + at.prefill_tables + prefill * table_stride_);
+      // Prompt chunks run while slots equal positions.
+      m[at.prefill_starts + prefill] = static_cast<int32_t>(seq.start_position);
+      prefill_row += seq.num_tokens;
+      ++prefill;
+      m[at.prefill_offsets + prefill] = static_cast<int32_t>(prefill_row - num_decode_);
+    }
     for (int64_t i = 0; i < seq.num_tokens; ++i) {
-      const int64_t t = seq.token_offset + i;
-      m[at.positions + t] = static_cast<int32_t>(seq.start_position + i);
-      m[at.context + t] = static_cast<int32_t>(seq.kv != nullptr ? seq.kv->ContextSlots(i)
-                                                                 : seq.start_position + i + 1);
-      int32_t* tab = m + at.tables + t * table_stride_;
-      std::copy_n(table.begin(), table_len, tab);
-      std::fill(tab + table_len, tab + table_stride_, 0);
+      const int64_t row = first_row + i;
+      m[at.tokens + row] = batch.tokens[seq.token_offset + i];
+      m[at.positions + row] = static_cast<int32_t>(seq.start_position + i);
       for (int64_t layer = 0; layer < c.num_layers; ++layer) {
         for (int64_t h = 0; h < kv_heads; ++h) {
           const int64_t slot =
               seq.kv != nullptr ? seq.kv->WriteSlot(layer, h, i) : seq.start_position + i;
-          m[at.slots + (layer * n + t) * kv_heads + h] =
-              static_cast<int32_t>(table[slot / bs] * bs + slot % bs);
+          m[at.slots + (layer * n + row) * kv_heads + h] =
+              static_cast<int32_t>(seq.block_table[slot / bs] * bs + slot % bs);
         }
       }
-      if (batch.all_logits) m[at.rows + row++] = static_cast<int32_t>(t);
+      if (batch.all_logits) m[at.rows + seq.token_offset + i] = static_cast<int32_t>(row);
     }
-    if (!batch.all_logits) m[at.rows + row++] = static_cast<int32_t>(seq.token_offset + seq.num_tokens - 1);
+    if (!batch.all_logits) {
+      m[at.rows + logit_row++] = static_cast<int32_t>(first_row + seq.num_tokens - 1);
+    }
   }
 }
 
@@ -329,6 +362,18 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
   attention.num_kv_heads = c.num_kv_heads;
   attention.head_dim = c.head_dim;
   attention.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  kc::PrefillAttentionArgs prefill;
+  prefill.block_tables = meta + meta_at_.prefill_tables;
+  prefill.block_table_stride = table_stride_;
+  prefill.query_offsets = meta + meta_at_.prefill_offsets;
+  prefill.chunk_starts = meta + meta_at_.prefill_starts;
+  prefill.max_query_len = prefill_max_len_;
+  prefill.num_seqs = num_prefill_;
+  prefill.block_size = shape_.block_size;
+  prefill.num_heads = c.num_heads;
+  prefill.num_kv_heads = c.num_kv_heads;
+  prefill.head_dim = c.head_dim;
+  prefill.scale = attention.scale;
 
   RETURN_IF_ERROR(kc::EmbeddingGather(Bf16(embedding_), c.vocab_size, hidden,
                                       meta + meta_at_.tokens, x, n, stream_));
@@ -355,15 +400,22 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
                                      meta + meta_at_.slots + li * n * c.num_kv_heads, k_cache,
                                      v_cache, shape_.num_blocks, shape_.block_size,
                                      c.num_kv_heads, c.head_dim, n, stream_));
-    // Every token is an attention row over its own context.
+    // Decodes: one row each, the context split over partitions.
     attention.k_cache = k_cache;
     attention.v_cache = v_cache;
-    for (int64_t r0 = 0; r0 < n; r0 += attention_rows_) {
-      attention.num_seqs = std::min(attention_rows_, n - r0);
-      attention.block_tables = meta + meta_at_.tables + r0 * table_stride_;
-      attention.context_lens = meta + meta_at_.context + r0;
+    for (int64_t r0 = 0; r0 < num_decode_; r0 += attention_rows_) {
+      attention.num_seqs = std::min(attention_rows_, num_decode_ - r0);
+      attention.block_tables = meta + meta_at_.decode_tables + r0 * table_stride_;
+      attention.context_lens = meta + meta_at_.decode_context + r0;
       RETURN_IF_ERROR(kc::PagedAttention(attention, qkv + r0 * qkv_dim, qkv_dim,
                                          Bf16(attn_, r0 * q_dim), attn_scratch_.data(), stream_));
+    }
+    // Prompt chunks: causal, tiled over their tokens.
+    if (num_prefill_ > 0) {
+      prefill.k_cache = k_cache;
+      prefill.v_cache = v_cache;
+      RETURN_IF_ERROR(kc::PrefillAttention(prefill, qkv + num_decode_ * qkv_dim, qkv_dim,
+                                           Bf16(attn_, num_decode_ * q_dim), stream_));
     }
     RETURN_IF_ERROR(matmul(l.wo, hidden, q_dim, Bf16(attn_), delta, DType::kF32));
     RETURN_IF_ERROR(kc::AddRmsNorm(x, delta, l.ffn_norm.as<float>(), c.rms_norm_eps, hidden, xn, n,

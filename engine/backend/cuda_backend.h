@@ -118,9 +118,18 @@ class CudaBackend final : public ForwardBackend {
   Pinned meta_host_, logits_host_;
   size_t meta_capacity_ = 0;     // int32 entries in meta_ / meta_host_
   // Offsets (int32 entries) into the staged metadata of the current step.
+  // Token rows are in device order: decodes first, then prompt chunks.
   struct MetaLayout {
-    size_t tokens, positions, context, rows, slots, tables, total;
+    size_t tokens, positions;   // [n]
+    size_t rows;                // the device rows whose logits are wanted
+    size_t slots;               // [layer][n][kv_head]: flat cache slots
+    size_t decode_tables, decode_context;                   // per decode
+    size_t prefill_tables, prefill_offsets, prefill_starts;  // per chunk
+    size_t total;
   } meta_at_{};
+  int64_t num_decode_ = 0;       // single-token sequences this step
+  int64_t num_prefill_ = 0;      // prompt chunks of several tokens
+  int64_t prefill_max_len_ = 0;  // the longest chunk
   int64_t attention_rows_ = 0;   // rows PagedAttention runs at once
 };
 
