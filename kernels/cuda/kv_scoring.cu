@@ -6,6 +6,7 @@
 
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/launch_internal.h"
+#include "kernels/cuda/kv_scoring_internal.cuh"
 #include "kernels/cuda/paged_cache_internal.cuh"
 #include "kernels/cuda/reduce_internal.cuh"
 
@@ -13,17 +14,19 @@ namespace morphserve::kernels::cuda {
 namespace {
 
 using internal::Aligned16;
+using internal::Choice;
 using internal::kVec;
-using internal::LoadVec;
+using internal::Lower;
+using internal::NoChoice;
 using internal::Require;
+using internal::Rescaled;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / internal::kWarpSize;
 constexpr int kPartition = static_cast<int>(kScoringPartitionSize);
-// Window rows scored per pass over a partition's keys: their summed queries
-// sit in shared memory and each thread keeps one logit per row in
-// registers. Longer windows take several passes.
-constexpr int kRowChunk = 32;
+// Window rows scored per pass over a partition's keys (their summed
+// queries sit in shared memory); longer windows take several passes.
+constexpr int kRowChunk = internal::kScoringRowChunk;
 
 struct Params {
   const __nv_bfloat16* k_cache;
@@ -71,51 +74,6 @@ __device__ __forceinline__ int64_t Unit(const Params& p, int seq, int kv_head) {
   return static_cast<int64_t>(seq) * p.num_kv_heads + kv_head;
 }
 
-// A candidate's fused score and position, and its slot; slot -1 for none.
-struct Choice {
-  float score;
-  int pos;
-  int slot;
-};
-
-__device__ __forceinline__ Choice NoChoice() { return {INFINITY, INT_MAX, -1}; }
-
-// The one evicted first of two: the lower score, or on a tie the older token.
-__device__ __forceinline__ Choice Lower(const Choice& a, const Choice& b) {
-  const bool b_first = b.score < a.score || (b.score == a.score && b.pos < a.pos);
-  return b_first ? b : a;
-}
-
-__device__ __forceinline__ Choice WarpLowest(Choice c) {
-#pragma unroll
-  for (int offset = internal::kWarpSize / 2; offset > 0; offset /= 2) {
-    const Choice other = {__shfl_xor_sync(internal::kFullMask, c.score, offset),
-                          __shfl_xor_sync(internal::kFullMask, c.pos, offset),
-                          __shfl_xor_sync(internal::kFullMask, c.slot, offset)};
-    c = Lower(c, other);
-  }
-  return c;
-}
-
-// The lowest over the block, in thread 0; every thread must call it.
-__device__ __forceinline__ Choice BlockLowest(Choice c, Choice* warp_best) {
-  c = WarpLowest(c);
-  const int lane = static_cast<int>(threadIdx.x) % internal::kWarpSize;
-  const int warp = static_cast<int>(threadIdx.x) / internal::kWarpSize;
-  if (lane == 0) warp_best[warp] = c;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < kWarps; ++w) c = Lower(c, warp_best[w]);
-  }
-  return c;
-}
-
-// An exp sum taken relative to `local_max`, made relative to `global_max`;
-// 0 for a part with no candidate (sum 0, local_max -inf).
-__device__ __forceinline__ float Rescaled(float sum, float local_max, float global_max) {
-  return sum > 0.0f ? sum * expf(local_max - global_max) : 0.0f;
-}
-
 // pos[i]: the position of slot start + i if it is a candidate, else -1.
 __device__ __forceinline__ void MarkCandidates(const Params& p, int seq, int kv_head, int start,
                                                int n, int* pos) {
@@ -157,24 +115,10 @@ template <int kHeadDim>
 __device__ __forceinline__ void SlotLogits(const Params& p, const int32_t* table, int kv_head,
                                            int slot, bool valid, int dim0, int rows,
                                            const float (*q)[kHeadDim], float (&logits)[kRowChunk]) {
-  constexpr int kRowThreads = kHeadDim / kVec;
-  float k[kVec] = {};
-  if (valid) {
-    const __nv_bfloat16* row = internal::PagedRow<kHeadDim>(p.k_cache, table, p.block_size,
-                                                            p.num_kv_heads, kv_head, slot);
-    LoadVec(row + dim0, k);
-  }
-#pragma unroll
-  for (int r = 0; r < kRowChunk; ++r) {
-    // `rows` is the same for the whole block, so no lane misses a shuffle.
-    if (r < rows) {
-      const float4 a = *reinterpret_cast<const float4*>(&q[r][dim0]);
-      const float4 b = *reinterpret_cast<const float4*>(&q[r][dim0 + 4]);
-      const float dot = a.x * k[0] + a.y * k[1] + a.z * k[2] + a.w * k[3] + b.x * k[4] +
-                        b.y * k[5] + b.z * k[6] + b.w * k[7];
-      logits[r] = internal::WarpSum<kRowThreads>(dot);
-    }
-  }
+  const __nv_bfloat16* row = valid ? internal::PagedRow<kHeadDim>(p.k_cache, table, p.block_size,
+                                                                  p.num_kv_heads, kv_head, slot)
+                                   : nullptr;
+  internal::ChunkLogits<kHeadDim>(row, dim0, rows, q, logits);
 }
 
 // Pass a: each row's largest logit and exp sum over the partition's
@@ -329,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
     if (scores != nullptr) scores[i] = score;
     if (pos[i] >= 0) best = Lower(best, Choice{score, pos[i], start + i});
   }
-  best = BlockLowest(best, warp_best);
+  best = internal::BlockLowest<kThreads>(best, warp_best);
   if (threadIdx.x == 0) {
     const int64_t at = unit * p.max_partitions + partition;
     p.best_score[at] = best.score;
@@ -350,7 +294,7 @@ __global__ void __launch_bounds__(internal::kWarpSize) VictimKernel(const Params
   for (int i = static_cast<int>(threadIdx.x); i < partitions; i += internal::kWarpSize) {
     best = Lower(best, Choice{p.best_score[base + i], p.best_pos[base + i], p.best_slot[base + i]});
   }
-  best = WarpLowest(best);
+  best = internal::WarpLowest(best);
   if (threadIdx.x == 0) p.victims[unit] = best.slot;
 }
 

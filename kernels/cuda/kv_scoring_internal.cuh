@@ -1,0 +1,97 @@
+// Pieces shared by the KV policy kernels (kv_scoring.cu, kv_policy.cu): the
+// logits of one cached key against a chunk of query rows, the merging of
+// partial softmax denominators, and the choice of the candidate evicted
+// first.
+#ifndef MORPHSERVE_KERNELS_CUDA_KV_SCORING_INTERNAL_CUH_
+#define MORPHSERVE_KERNELS_CUDA_KV_SCORING_INTERNAL_CUH_
+
+#include <cuda_bf16.h>
+
+#include <climits>
+
+#include "kernels/cuda/paged_cache_internal.cuh"
+#include "kernels/cuda/reduce_internal.cuh"
+
+namespace morphserve::kernels::cuda::internal {
+
+// Query rows scored per pass over a partition's keys: they sit in shared
+// memory as f32 [kScoringRowChunk][head_dim] and each thread keeps one
+// logit per row in registers.
+inline constexpr int kScoringRowChunk = 32;
+
+// Threads work in rows of head_dim / kVec consecutive lanes, each lane
+// holding the 8 values of the head dimension from dim0, so one row of
+// threads reads one cache row (coalesced). For the key at `key` (null: a
+// thread row with no slot, which still takes part in the shuffles),
+// logits[r] = q[r] . key for r < rows, reduced within the thread row so
+// that all its lanes end with all of them. `rows` must be the same for the
+// whole warp.
+template <int kHeadDim>
+__device__ __forceinline__ void ChunkLogits(const __nv_bfloat16* key, int dim0, int rows,
+                                            const float (*q)[kHeadDim],
+                                            float (&logits)[kScoringRowChunk]) {
+  constexpr int kRowThreads = kHeadDim / kVec;
+  float k[kVec] = {};
+  if (key != nullptr) LoadVec(key + dim0, k);
+#pragma unroll
+  for (int r = 0; r < kScoringRowChunk; ++r) {
+    if (r < rows) {
+      const float4 a = *reinterpret_cast<const float4*>(&q[r][dim0]);
+      const float4 b = *reinterpret_cast<const float4*>(&q[r][dim0 + 4]);
+      const float dot = a.x * k[0] + a.y * k[1] + a.z * k[2] + a.w * k[3] + b.x * k[4] +
+                        b.y * k[5] + b.z * k[6] + b.w * k[7];
+      logits[r] = WarpSum<kRowThreads>(dot);
+    }
+  }
+}
+
+// An exp sum taken relative to `local_max`, made relative to `global_max`;
+// 0 for a part with no entry (sum 0, local_max -inf).
+__device__ __forceinline__ float Rescaled(float sum, float local_max, float global_max) {
+  return sum > 0.0f ? sum * expf(local_max - global_max) : 0.0f;
+}
+
+// A candidate's score and position, and its slot; slot -1 for none.
+struct Choice {
+  float score;
+  int pos;
+  int slot;
+};
+
+__device__ __forceinline__ Choice NoChoice() { return {INFINITY, INT_MAX, -1}; }
+
+// The one evicted first of two: the lower score, or on a tie the older token.
+__device__ __forceinline__ Choice Lower(const Choice& a, const Choice& b) {
+  const bool b_first = b.score < a.score || (b.score == a.score && b.pos < a.pos);
+  return b_first ? b : a;
+}
+
+__device__ __forceinline__ Choice WarpLowest(Choice c) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const Choice other = {__shfl_xor_sync(kFullMask, c.score, offset),
+                          __shfl_xor_sync(kFullMask, c.pos, offset),
+                          __shfl_xor_sync(kFullMask, c.slot, offset)};
+    c = Lower(c, other);
+  }
+  return c;
+}
+
+// The lowest over a block of kThreads threads, in thread 0; every thread
+// must call it. `warp_best` holds kThreads / 32 entries.
+template <int kThreads>
+__device__ __forceinline__ Choice BlockLowest(Choice c, Choice* warp_best) {
+  c = WarpLowest(c);
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  if (lane == 0) warp_best[warp] = c;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / kWarpSize; ++w) c = Lower(c, warp_best[w]);
+  }
+  return c;
+}
+
+}  // namespace morphserve::kernels::cuda::internal
+
+#endif  // MORPHSERVE_KERNELS_CUDA_KV_SCORING_INTERNAL_CUH_
