@@ -62,7 +62,7 @@ void Sampler::ApplyPenalties(std::span<float> logits) const {
   }
 }
 
-int32_t Sampler::Draw(std::span<float> logits) {
+size_t Sampler::Truncate(std::span<const float> logits) {
   const int32_t vocab = static_cast<int32_t>(logits.size());
   const float inv_t = 1.0f / params_.temperature;
   candidates_.clear();
@@ -71,7 +71,7 @@ int32_t Sampler::Draw(std::span<float> logits) {
       candidates_.emplace_back(logits[i] * inv_t, i);
     }
   }
-  if (candidates_.empty()) return ArgMax(logits);
+  if (candidates_.empty()) return 0;
   if (params_.top_k > 0 && params_.top_k < static_cast<int32_t>(candidates_.size())) {
     std::nth_element(candidates_.begin(), candidates_.begin() + params_.top_k, candidates_.end(),
                      Before);
@@ -104,6 +104,12 @@ int32_t Sampler::Draw(std::span<float> logits) {
     }
     keep = n;
   }
+  return keep;
+}
+
+int32_t Sampler::Draw(std::span<float> logits) {
+  const size_t keep = Truncate(logits);
+  if (keep == 0) return ArgMax(logits);
   double kept_total = 0.0;
   for (size_t i = 0; i < keep; ++i) kept_total += candidates_[i].first;
   double u = Uniform() * kept_total;
@@ -112,6 +118,21 @@ int32_t Sampler::Draw(std::span<float> logits) {
     if (u < 0.0) return candidates_[i].second;
   }
   return candidates_[keep - 1].second;
+}
+
+std::vector<TokenProb> Sampler::Distribution(std::span<const float> logits) {
+  std::vector<float> penalised(logits.begin(), logits.end());
+  ApplyPenalties(penalised);
+  const size_t keep = params_.greedy() ? 0 : Truncate(penalised);
+  if (keep == 0) return {TokenProb{ArgMax(penalised), 1.0}};
+  double kept_total = 0.0;
+  for (size_t i = 0; i < keep; ++i) kept_total += candidates_[i].first;
+  std::vector<TokenProb> out;
+  out.reserve(keep);
+  for (size_t i = 0; i < keep; ++i) {
+    out.push_back({candidates_[i].second, candidates_[i].first / kept_total});
+  }
+  return out;
 }
 
 SampleResult Sampler::Sample(std::span<float> logits) {

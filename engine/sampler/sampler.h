@@ -28,6 +28,11 @@ struct SampleResult {
   std::vector<TokenLogprob> top;  // the N most likely tokens, most likely first
 };
 
+struct TokenProb {
+  int32_t id = 0;
+  double prob = 0.0;
+};
+
 class Sampler {
  public:
   // `params` must be valid (SamplingParams::Validate).
@@ -38,8 +43,19 @@ class Sampler {
   // penalties, temperature and truncation, as vLLM reports them by default.
   SampleResult Sample(std::span<float> logits);
 
+  // The distribution Sample(logits) would draw from now, without drawing or
+  // recording: the tokens kept after penalties, temperature and truncation,
+  // with probabilities summing to 1, in no particular order. A greedy
+  // request (or one with every logit at -inf) gets its one token with 1.
+  // For checking other samplers against this one.
+  std::vector<TokenProb> Distribution(std::span<const float> logits);
+
  private:
   void ApplyPenalties(std::span<float> logits) const;
+  // Fills candidates_ so that its first `keep` entries, the returned count,
+  // are the tokens a draw may pick with their unnormalised probabilities;
+  // 0 when every logit is -inf.
+  size_t Truncate(std::span<const float> logits);
   int32_t Draw(std::span<float> logits);
   double Uniform();
 

@@ -177,6 +177,40 @@ TEST(SamplerTest, LogprobsAreThoseOfTheRawDistribution) {
   EXPECT_NEAR(r.top[1].logprob, 1.0 - lse, 1e-5);
 }
 
+TEST(SamplerTest, DistributionIsWhatSampleDrawsFrom) {
+  // Probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1; top_p 0.9 keeps
+  // three, 0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95.
+  const std::vector<float> base = {std::log(0.15f), std::log(0.5f), std::log(0.05f),
+                                   std::log(0.3f)};
+  SamplingParams p = Seeded(1.0f);
+  p.top_p = 0.9f;
+  Sampler s(p, {});
+  std::map<int32_t, double> dist;
+  for (const TokenProb& t : s.Distribution(base)) dist[t.id] = t.prob;
+  ASSERT_EQ(dist.size(), 3u);
+  EXPECT_NEAR(dist[1], 0.5 / 0.95, 1e-6);
+  EXPECT_NEAR(dist[3], 0.3 / 0.95, 1e-6);
+  EXPECT_NEAR(dist[0], 0.15 / 0.95, 1e-6);
+  std::map<int32_t, int> counts;
+  for (int i = 0; i < 4000; ++i) {
+    std::vector<float> l = base;
+    ++counts[s.Sample(l).token];
+  }
+  for (const auto& [id, n] : counts) EXPECT_NEAR(n / 4000.0, dist[id], 0.03) << id;
+
+  // Greedy, and the output penalties of what Sample recorded.
+  SamplingParams g;
+  g.temperature = 0;
+  g.presence_penalty = 1.0f;
+  Sampler greedy(g, {});
+  std::vector<float> l = {1.0f, 0.5f};
+  EXPECT_EQ(greedy.Sample(l).token, 0);
+  const std::vector<TokenProb> next = greedy.Distribution(std::vector<float>{1.0f, 0.5f});
+  ASSERT_EQ(next.size(), 1u);
+  EXPECT_EQ(next[0].id, 1);
+  EXPECT_EQ(next[0].prob, 1.0);
+}
+
 TEST(SamplingParamsTest, ValidationNamesTheField) {
   SamplingParams p;
   p.temperature = -1;
