@@ -6,8 +6,8 @@
 // weights (benchmarks/configs/llama-3.1-8b). Each batch size runs B
 // sequences that each attend to `context` cached tokens plus the ones the
 // run adds; the step time is the median over `steps` decode steps (the
-// whole Forward call: metadata upload, every kernel, logits back to the
-// host). Bytes per step = every weight matrix once (bf16; the embedding
+// whole ForwardAndSample call: metadata upload, every kernel, greedy
+// sampling on the device, the tokens back to the host). Bytes per step = every weight matrix once (bf16; the embedding
 // gather aside) + the K and V every sequence reads. The reference
 // bandwidth is a device-to-device cudaMemcpy of 1 GiB (read + write
 // counted), the best of 10.
@@ -24,6 +24,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/sampling_params.h"
 #include "engine/backend/backend_registry.h"
 #include "engine/model/model.h"
 #include "nlohmann/json.hpp"
@@ -153,12 +154,23 @@ int Main(int argc, char** argv) {
     std::vector<int32_t> tokens(batch);
     for (int64_t s = 0; s < batch; ++s) tokens[s] = static_cast<int32_t>((s * 7919) % c.vocab_size);
     std::vector<engine::SequenceInput> inputs(batch);
-    std::vector<float> logits;
+    std::vector<engine::SampleRow> rows(batch);
+    SamplingParams greedy;
+    greedy.temperature = 0.0f;
+    for (int64_t s = 0; s < batch; ++s) {
+      rows[s] = {s, true};
+      if (absl::Status st = (*backend)->AddRequest(s, greedy, {&tokens[s], 1}, total_steps);
+          !st.ok()) {
+        std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
+        return 1;
+      }
+    }
+    std::vector<engine::SampleResult> sampled;
     std::vector<double> times;
     for (int64_t step = 0; step < total_steps; ++step) {
       for (int64_t s = 0; s < batch; ++s) inputs[s] = {s, 1, context + step, tables[s], nullptr, false};
       const Clock::time_point t0 = Clock::now();
-      const absl::Status st = (*backend)->Forward({tokens, inputs}, &logits);
+      const absl::Status st = (*backend)->ForwardAndSample({tokens, inputs}, rows, &sampled);
       const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       if (!st.ok()) {
         std::fprintf(stderr, "batch %lld: %s\n", static_cast<long long>(batch),
@@ -166,7 +178,9 @@ int Main(int argc, char** argv) {
         return 1;
       }
       if (step >= 3) times.push_back(seconds);
+      for (int64_t s = 0; s < batch; ++s) tokens[s] = sampled[s].token;
     }
+    for (int64_t s = 0; s < batch; ++s) (*backend)->RemoveRequest(s);
     const double step_s = Median(times);
     const double mean_context = static_cast<double>(context) + 3 + (steps - 1) / 2.0;
     const double bytes = weight_bytes + batch * mean_context * kv_bytes_per_token;

@@ -5,6 +5,8 @@
 #define MORPHSERVE_ENGINE_BACKEND_CPU_BACKEND_H_
 
 #include <cstdint>
+#include <map>
+#include <span>
 #include <string_view>
 #include <vector>
 
@@ -30,11 +32,18 @@ class CpuBackend final : public ForwardBackend {
   absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override {
     return forward_.Forward(batch, cache_, logits);
   }
+  absl::Status AddRequest(int64_t id, const SamplingParams& params,
+                          std::span<const int32_t> prompt, int64_t max_new_tokens) override;
+  void RemoveRequest(int64_t id) override { samplers_.erase(id); }
+  absl::Status ForwardAndSample(const ForwardBatch& batch, std::span<const SampleRow> rows,
+                                std::vector<SampleResult>* out) override;
 
  private:
   ThreadPool pool_;
   PagedKvCache cache_;
   LlamaForward forward_;
+  std::map<int64_t, Sampler> samplers_;
+  std::vector<float> logits_;
 };
 
 }  // namespace morphserve::engine

@@ -15,7 +15,11 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <random>
+#include <span>
+#include <unordered_set>
 #include <string_view>
 #include <vector>
 
@@ -24,6 +28,7 @@
 #include "engine/model/model.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/matmul.h"
+#include "kernels/cuda/sampling.h"
 
 namespace morphserve::engine {
 
@@ -56,6 +61,14 @@ class CudaBackend final : public ForwardBackend {
   const KvCacheShape& cache_shape() const override { return shape_; }
   absl::Status SupportsPolicy(KvPolicyKind policy) const override;
   absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
+  // Sampling runs on the device (kernels/cuda/sampling.h): the seeded draws
+  // follow the device's own random stream, so they differ from the CPU's;
+  // greedy choices, the kept sets and the log-probabilities agree.
+  absl::Status AddRequest(int64_t id, const SamplingParams& params,
+                          std::span<const int32_t> prompt, int64_t max_new_tokens) override;
+  void RemoveRequest(int64_t id) override;
+  absl::Status ForwardAndSample(const ForwardBatch& batch, std::span<const SampleRow> rows,
+                                std::vector<SampleResult>* out) override;
 
  private:
   using DeviceBuffer = kernels::cuda::DeviceBuffer;
@@ -75,7 +88,40 @@ class CudaBackend final : public ForwardBackend {
   };
   using Pinned = std::unique_ptr<void, PinnedDeleter>;
 
+  // A request's sampling state: its seed, the draws so far (the random
+  // stream's counter), and its token history in the penalty pool (the
+  // host's mirror of which tokens the list holds).
+  struct RequestSampling {
+    SamplingParams params;
+    uint64_t seed = 0;
+    uint64_t step = 0;
+    int64_t penalty_offset = 0;
+    int32_t penalty_size = 0;
+    int32_t penalty_capacity = 0;  // 0: no penalties, no list
+    std::unordered_set<int32_t> listed;
+  };
+
+  // First-fit ranges of PenaltyEntry in one device array, which doubles
+  // when full (between steps, when no kernel reads it).
+  class PenaltyPool {
+   public:
+    absl::StatusOr<int64_t> Allocate(int64_t n);
+    void Free(int64_t offset, int64_t n);
+    kernels::cuda::PenaltyEntry* entries() const {
+      return buffer_.as<kernels::cuda::PenaltyEntry>();
+    }
+
+   private:
+    DeviceBuffer buffer_;
+    int64_t capacity_ = 0;
+    std::map<int64_t, int64_t> free_;  // offset -> length, disjoint, merged
+  };
+
   CudaBackend(const Model& model, kernels::cuda::Cublas cublas);
+  // Queues the step up to the logits (in logits_); EndStep advances the
+  // sequences once it has run.
+  absl::Status QueueLogits(const ForwardBatch& batch);
+  void EndStep(const ForwardBatch& batch);
   absl::Status UploadWeights();
   absl::Status AllocatePool(const CudaBackendOptions& options);
   // Sizes the working memory for steps of up to `tokens` tokens and `rows`
@@ -114,6 +160,13 @@ class CudaBackend final : public ForwardBackend {
   DeviceBuffer last_;            // bf16 [rows][hidden]
   DeviceBuffer logits_;          // f32 [rows][vocab]
   DeviceBuffer attn_scratch_;    // PagedAttention's split-context scratch
+  // Sampling: the rows' parameters, and what comes back per row
+  // ([tokens][logprobs][top ids][top logprobs], capacity_rows_ apart).
+  DeviceBuffer sample_rows_, sampled_;
+  Pinned sample_host_, sampled_host_;
+  std::map<int64_t, RequestSampling> requests_;
+  PenaltyPool penalties_;
+  std::mt19937_64 seed_rng_{std::random_device{}()};
   DeviceBuffer meta_;            // int32: the staged metadata
   Pinned meta_host_, logits_host_;
   size_t meta_capacity_ = 0;     // int32 entries in meta_ / meta_host_

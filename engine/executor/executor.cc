@@ -14,14 +14,17 @@ absl::Status Executor::AddSequence(int64_t id, std::span<const int32_t> prompt,
                                    const SamplingParams& sampling, const StopConditions& stop,
                                    const KvPolicyConfig& kv) {
   if (states_.contains(id)) return absl::InvalidArgumentError(StrCat("sequence ", id, " exists"));
-  State state{kv, static_cast<int64_t>(prompt.size()), stop.max_new_tokens, 0,
-              Sampler(sampling, prompt), std::nullopt, stop, nullptr};
+  RETURN_IF_ERROR(backend_->AddRequest(id, sampling, prompt, stop.max_new_tokens));
+  State state{kv, static_cast<int64_t>(prompt.size()), stop.max_new_tokens, 0, std::nullopt,
+              stop, nullptr};
   if (model_.tokenizer != nullptr) state.stop.emplace(*model_.tokenizer, stop);
   states_.emplace(id, std::move(state));
   return absl::OkStatus();
 }
 
-void Executor::RemoveSequence(int64_t id) { states_.erase(id); }
+void Executor::RemoveSequence(int64_t id) {
+  if (states_.erase(id) > 0) backend_->RemoveRequest(id);
+}
 
 KvUsage Executor::Usage(int64_t id) const {
   const auto it = states_.find(id);
@@ -36,6 +39,7 @@ absl::Status Executor::Execute(const StepPlan& plan, StepResult* result,
   }
   inputs_.clear();
   tokens_.clear();
+  rows_.clear();
   for (const ScheduledSequence& s : plan.sequences) {
     const auto it = states_.find(s.seq_id);
     if (it == states_.end()) {
@@ -54,20 +58,20 @@ absl::Status Executor::Execute(const StepPlan& plan, StepResult* result,
     inputs_.push_back({static_cast<int64_t>(tokens_.size()), n, s.start_position, s.block_table,
                        state.cache.get(), s.prompt_pending});
     tokens_.insert(tokens_.end(), s.tokens.begin(), s.tokens.end());
+    rows_.push_back({s.seq_id, !s.prompt_pending});
   }
   result->outputs.clear();
   outputs->clear();
   if (plan.sequences.empty()) return absl::OkStatus();
-  RETURN_IF_ERROR(backend_->Forward({tokens_, inputs_, /*all_logits=*/false}, &logits_));
-  const int64_t vocab = model_.config.vocab_size;
+  RETURN_IF_ERROR(
+      backend_->ForwardAndSample({tokens_, inputs_, /*all_logits=*/false}, rows_, &sampled_));
   for (size_t i = 0; i < plan.sequences.size(); ++i) {
     const ScheduledSequence& s = plan.sequences[i];
     State& state = states_.at(s.seq_id);
     TokenOutput out;
     out.seq_id = s.seq_id;
     if (!s.prompt_pending) {
-      const SampleResult r =
-          state.sampler.Sample(std::span<float>(logits_).subspan(i * vocab, vocab));
+      const SampleResult& r = sampled_[i];
       ++state.generated;
       out.token = r.token;
       out.logprob = r.logprob;

@@ -1,6 +1,7 @@
 // Runs the scheduler's step plans on a forward backend (CPU or CUDA): one
 // batched forward over every scheduled sequence, each with its own KV policy
-// state, sampler and stop checker; the scheduler never sees any of it.
+// state and stop checker (the backend keeps its sampling state, so that a GPU
+// samples where the logits are); the scheduler never sees any of it.
 //
 // Owned by the engine loop's thread; not thread-safe.
 #ifndef MORPHSERVE_ENGINE_EXECUTOR_EXECUTOR_H_
@@ -67,7 +68,6 @@ class Executor {
     int64_t prompt_tokens = 0;
     int64_t max_new_tokens = 0;
     int64_t generated = 0;
-    Sampler sampler;
     std::optional<StopChecker> stop;  // with a tokenizer
     StopConditions conditions;
     std::unique_ptr<KvSequence> cache;
@@ -78,7 +78,8 @@ class Executor {
   std::map<int64_t, State> states_;
   std::vector<SequenceInput> inputs_;
   std::vector<int32_t> tokens_;
-  std::vector<float> logits_;
+  std::vector<SampleRow> rows_;
+  std::vector<SampleResult> sampled_;
 };
 
 }  // namespace morphserve::engine

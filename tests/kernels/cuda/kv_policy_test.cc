@@ -921,7 +921,7 @@ Prompt MakePrompt(int64_t length, int64_t block_size, int64_t num_kv_heads, int6
   std::shuffle(p.table.begin(), p.table.end(), rng);
   p.table.resize(blocks);
   p.cpu = std::make_unique<engine::PagedKvCache>(p.shape);
-  const size_t elems = p.shape.num_blocks * p.shape.FloatsPerBlock();
+  const size_t elems = p.shape.num_blocks * p.shape.ValuesPerBlock();
   p.k = RandomBf16(elems, 1.0f, rng);
   p.v = RandomBf16(elems, 1.0f, rng);
   const std::vector<float> k = Bf16ToF32(p.k);
