@@ -28,6 +28,8 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(const engine::Mod
   backend.kv_cache_bytes = options.kv_cache_bytes;
   backend.gpu_memory_utilization = options.gpu_memory_utilization;
   backend.policies = options.policies;
+  backend.max_step_tokens = options.max_num_batched_tokens;
+  backend.max_step_sequences = options.max_num_seqs;
   backend.threads = options.threads;
   backend.forward.reference_kernels = options.reference_kernels;
   ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> created,

@@ -69,7 +69,8 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> CreateBackend(const Model& model
 #ifdef MORPHSERVE_WITH_CUDA
   if (options.device == "cuda" || options.device == "auto") {
     CudaBackendOptions cuda{options.block_size, options.num_blocks,
-                            options.gpu_memory_utilization};
+                            options.gpu_memory_utilization, options.max_step_tokens,
+                            options.max_step_sequences};
     if (cuda.num_blocks == 0 && options.kv_cache_bytes > 0) {
       ASSIGN_OR_RETURN(cuda.num_blocks, blocks_in(options.kv_cache_bytes, 2));
     }

@@ -45,6 +45,10 @@ struct BackendOptions {
   // activations and the KV pool), as vLLM's flag of the same name.
   double gpu_memory_utilization = 0.9;
   int threads = 0;  // CPU worker threads (0: one per core)
+  // The largest step the scheduler plans (CUDA sizes its working memory
+  // for it at start-up).
+  int64_t max_step_tokens = 2048;
+  int64_t max_step_sequences = 256;
   ForwardOptions forward;  // CPU only
 };
 

@@ -198,6 +198,10 @@ absl::Status CudaBackend::AllocatePool(const CudaBackendOptions& options) {
   }
   ASSIGN_OR_RETURN(k_cache_, DeviceBuffer::Allocate(half));
   ASSIGN_OR_RETURN(v_cache_, DeviceBuffer::Allocate(half));
+  // Zeros, once: a slot is read only after it is written, but a pool with
+  // no stray NaN keeps any mistake visible as a wrong number, not a NaN.
+  RETURN_IF_ERROR(k_cache_.Fill(0));
+  RETURN_IF_ERROR(v_cache_.Fill(0));
   shape_.num_blocks = blocks;
   spdlog::info("CUDA KV pool: {} blocks of {} tokens ({} MiB)", blocks, shape_.block_size,
                (2 * half) >> 20);

@@ -182,8 +182,10 @@ TEST(CliTest, DefaultModelAnswersTheCapitalOfFrance) {
 
 TEST(CliTest, KvPolicyBoundsTheCacheAndReportsUsage) {
   REQUIRE_DEFAULT_MODEL(model);
-  const std::string common = "generate --json --ignore-eos --max-tokens 150 --threads 2 --model " +
-                             model + " --chat 'Write a story about a robot who learns to paint.'";
+  // On the CPU backend (f32 KV; every policy runs there), whatever the machine.
+  const std::string common =
+      "generate --device cpu --json --ignore-eos --max-tokens 150 --threads 2 --model " + model +
+      " --chat 'Write a story about a robot who learns to paint.'";
   // SmolLM2-135M: 30 layers x 3 KV heads x 64 dims x (K + V) x 4 bytes per token.
   const int64_t bytes_per_token = 30 * 3 * 64 * 2 * 4;
   const Result full = RunCli(common);
