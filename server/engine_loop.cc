@@ -91,7 +91,7 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
   RETURN_IF_ERROR(request.sampling.Validate());
   RETURN_IF_ERROR(request.stop.Validate());
   RETURN_IF_ERROR(request.kv.Validate(c.context_length));
-  RETURN_IF_ERROR(SupportsPolicy(request.kv.kind));
+  RETURN_IF_ERROR(SupportsPolicy(request.kv));
   const int64_t prompt = static_cast<int64_t>(request.prompt.size());
   if (prompt + request.stop.max_new_tokens > c.context_length) {
     return absl::OutOfRangeError(StrCat("prompt (", prompt, " tokens) + max_new_tokens (",
@@ -124,7 +124,7 @@ absl::StatusOr<std::pair<int64_t, std::shared_ptr<TokenStream>>> EngineLoop::Sub
   return std::make_pair(id, stream);
 }
 
-absl::Status EngineLoop::SupportsPolicy(KvPolicyKind policy) const {
+absl::Status EngineLoop::SupportsPolicy(const KvPolicyConfig& policy) const {
   // The backend's answer is fixed at creation, so any thread may ask.
   return executor_.backend().SupportsPolicy(policy);
 }

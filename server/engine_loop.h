@@ -38,7 +38,7 @@ struct EngineOptions {
   int64_t kv_cache_bytes = 0;
   double gpu_memory_utilization = 0.9;
   // Policies requests will mostly use: `auto` picks a device that runs them.
-  std::vector<KvPolicyKind> policies = {};
+  std::vector<KvPolicyConfig> policies = {};
   int64_t block_size = 16;
   int64_t max_num_seqs = 256;
   int64_t max_num_batched_tokens = 2048;
@@ -137,7 +137,7 @@ class EngineLoop {
   // Options as run: num_blocks, block_size and device are the backend's.
   const EngineOptions& options() const { return options_; }
   // Whether the device runs `policy` (the error Submit gives otherwise).
-  absl::Status SupportsPolicy(KvPolicyKind policy) const;
+  absl::Status SupportsPolicy(const KvPolicyConfig& policy) const;
   // Every step so far (with EngineOptions::record_timeline).
   std::vector<StepSample> Timeline() const;
 

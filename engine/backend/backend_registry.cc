@@ -76,7 +76,7 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> CreateBackend(const Model& model
     }
     absl::StatusOr<std::unique_ptr<CudaBackend>> gpu = CudaBackend::Create(model, cuda);
     absl::Status fit = gpu.status();
-    for (KvPolicyKind policy : options.policies) {
+    for (const KvPolicyConfig& policy : options.policies) {
       if (fit.ok()) fit = (*gpu)->SupportsPolicy(policy);
     }
     if (fit.ok() || options.device == "cuda") {

@@ -35,7 +35,7 @@ struct BackendOptions {
   // and every policy in `policies` run there, else the CPU (with a warning
   // saying why).
   std::string device = "cpu";
-  std::vector<KvPolicyKind> policies = {};
+  std::vector<KvPolicyConfig> policies = {};
   int64_t block_size = 16;
   // Pool size: num_blocks when positive, else as many blocks as
   // kv_cache_bytes holds when positive, else the device's default.

@@ -28,7 +28,7 @@ class CpuBackend final : public ForwardBackend {
 
   std::string_view device() const override { return "cpu"; }
   const KvCacheShape& cache_shape() const override { return cache_.shape(); }
-  absl::Status SupportsPolicy(KvPolicyKind) const override { return absl::OkStatus(); }
+  absl::Status SupportsPolicy(const KvPolicyConfig&) const override { return absl::OkStatus(); }
   absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override {
     return forward_.Forward(batch, cache_, logits);
   }

@@ -17,6 +17,8 @@
 #include "kernels/cuda/cuda_status.h"
 #include "kernels/cuda/elementwise.h"
 #include "kernels/cuda/embedding.h"
+#include "kernels/cuda/kv_policy.h"
+#include "kernels/cuda/kv_scoring.h"
 #include "kernels/cuda/paged_attention.h"
 #include "kernels/cuda/paged_kv_write.h"
 #include "kernels/cuda/prefill_attention.h"
@@ -263,11 +265,141 @@ absl::Status CudaBackend::ReserveMetadata(size_t entries) {
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::SupportsPolicy(KvPolicyKind policy) const {
-  if (policy == KvPolicyKind::kFull) return absl::OkStatus();
-  return absl::UnimplementedError(StrCat("KV policy '", KvPolicyName(policy),
-                                         "' does not run on --device cuda yet; use --device cpu "
-                                         "or --kv-policy full"));
+absl::Status CudaBackend::SupportsPolicy(const KvPolicyConfig& policy) const {
+  if (policy.kind == KvPolicyKind::kFull) return absl::OkStatus();
+  if (policy.kind == KvPolicyKind::kMorphKv) {
+    if (policy.aggregation == MorphKvAggregation::kGroupLogitSum) return absl::OkStatus();
+    return absl::UnimplementedError(
+        "kv aggregation 'group-max-prob' does not run on --device cuda yet; use "
+        "group-logit-sum or --device cpu");
+  }
+  return absl::UnimplementedError(StrCat("KV policy '", KvPolicyName(policy.kind),
+                                         "' does not run on --device cuda yet; use --device cpu, "
+                                         "morphkv or full"));
+}
+
+absl::Status CudaBackend::EnsurePolicyState(const ForwardBatch& batch) {
+  const ModelConfig& c = model_.config;
+  for (const SequenceInput& seq : batch.sequences) {
+    if (seq.kv == nullptr || seq.kv->config().kind != KvPolicyKind::kMorphKv ||
+        seq.kv->device_state() != nullptr) {
+      continue;
+    }
+    const KvPolicyConfig& p = seq.kv->config();
+    const auto round4 = [](int64_t n) { return (n + 3) / 4 * 4; };
+    const int64_t ring = round4(c.num_layers * p.window * c.q_dim() / 2);  // bf16 pairs
+    const int64_t positions = round4(c.num_layers * c.num_kv_heads * (p.capacity + 1));
+    const int64_t victims = round4(c.num_layers * c.num_kv_heads);
+    ASSIGN_OR_RETURN(const int64_t offset, policy_pool_.Allocate(ring + positions + victims));
+    auto state = std::make_unique<MorphState>(&policy_pool_, offset, ring + positions + victims);
+    state->ring = offset;
+    state->positions = offset + ring;
+    state->victims = offset + ring + positions;
+    seq.kv->set_device_state(std::move(state));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::GrowScratch(DeviceBuffer& buffer, size_t bytes) {
+  if (buffer.size() >= bytes) return absl::OkStatus();
+  ASSIGN_OR_RETURN(buffer, DeviceBuffer::Allocate(std::max(bytes, 2 * buffer.size())));
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::ReservePolicyScratch() {
+  const int64_t kv_heads = model_.config.num_kv_heads;
+  size_t victims = 0;
+  for (const PolicyStep& p : policy_steps_) {
+    if (!p.evict) continue;
+    const int64_t w = p.kv->config().window;
+    RETURN_IF_ERROR(GrowScratch(policy_scratch_,
+                                kc::MorphKvScoringScratchBytes(1, kv_heads, w, p.slots)));
+    victims += static_cast<size_t>(model_.config.num_layers * kv_heads);
+    if (!p.first) continue;
+    RETURN_IF_ERROR(GrowScratch(policy_scores_, kv_heads * p.slots * sizeof(float)));
+    RETURN_IF_ERROR(GrowScratch(keep_lists_, kv_heads * p.slots * sizeof(int32_t)));
+    RETURN_IF_ERROR(GrowScratch(keep_counts_, kv_heads * sizeof(int32_t)));
+  }
+  if (victims > victims_capacity_) {
+    void* pinned = nullptr;
+    RETURN_IF_CUDA_ERROR(cudaMallocHost(&pinned, victims * sizeof(int32_t)));
+    victims_host_.reset(pinned);
+    victims_capacity_ = victims;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RunPolicies(int64_t layer, __nv_bfloat16* k_cache,
+                                      __nv_bfloat16* v_cache) {
+  if (policy_steps_.empty()) return absl::OkStatus();
+  const ModelConfig& c = model_.config;
+  const int32_t* meta = meta_.as<int32_t>();
+  int32_t* pool = policy_pool_.as<int32_t>();
+  const int64_t kv_heads = c.num_kv_heads;
+  for (const PolicyStep& p : policy_steps_) {
+    const KvPolicyConfig& config = p.kv->config();
+    const int64_t w = config.window;
+    const int64_t keep_slots = config.capacity + 1;
+    const int32_t* ints = meta + p.meta;
+    auto* ring = reinterpret_cast<__nv_bfloat16*>(pool + p.state->ring) + layer * w * c.q_dim();
+    int32_t* positions = pool + p.state->positions + layer * kv_heads * keep_slots;
+    int32_t* victims = pool + p.state->victims + layer * kv_heads;
+    // The step's queries join the window, which then scores the candidates.
+    RETURN_IF_ERROR(kc::PushQueryRing(Bf16(qkv_), c.q_dim() + 2 * c.kv_dim(), ints, ints + 2, 1,
+                                      p.n, c.q_dim(), ring, w * c.q_dim(), c.q_dim(), w,
+                                      stream_));
+    if (!p.evict) continue;
+    kc::MorphKvScoringArgs score;
+    score.k_cache = k_cache;
+    score.block_tables = meta + p.table;
+    score.block_table_stride = table_stride_;
+    score.num_slots = ints + 3;
+    score.recent_from = ints + 4;
+    score.positions = p.first ? nullptr : positions;
+    score.positions_stride = keep_slots;
+    score.max_slots = p.slots;
+    score.num_seqs = 1;
+    score.block_size = shape_.block_size;
+    score.num_heads = c.num_heads;
+    score.num_kv_heads = kv_heads;
+    score.head_dim = c.head_dim;
+    score.window = w;
+    score.max_fusion = config.fusion == KvFusion::kMax;
+    score.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    if (!p.first) {
+      RETURN_IF_ERROR(kc::MorphKvSelectVictims(score, ring, w * c.q_dim(), c.q_dim(), victims,
+                                               nullptr, 0, policy_scratch_.data(), stream_));
+      continue;
+    }
+    // The first selection keeps the best C+1-W candidates and the window,
+    // gathered into the lowest slots; the worst kept one goes next.
+    RETURN_IF_ERROR(kc::MorphKvSelectVictims(score, ring, w * c.q_dim(), c.q_dim(), victims,
+                                             policy_scores_.as<float>(), p.slots,
+                                             policy_scratch_.data(), stream_));
+    kc::CandidateArgs candidates;
+    candidates.num_slots = ints + 3;
+    candidates.recent_from = ints + 4;
+    candidates.max_slots = p.slots;
+    candidates.num_seqs = 1;
+    candidates.num_kv_heads = kv_heads;
+    RETURN_IF_ERROR(kc::SelectKeepLists(candidates, ints + 5, policy_scores_.as<float>(), p.slots,
+                                        keep_lists_.as<int32_t>(), p.slots,
+                                        keep_counts_.as<int32_t>(), victims, stream_));
+    kc::CompactKvArgs compact;
+    compact.k_cache = k_cache;
+    compact.v_cache = v_cache;
+    compact.block_tables = meta + p.table;
+    compact.block_table_stride = table_stride_;
+    compact.max_slots = keep_slots;
+    compact.num_seqs = 1;
+    compact.block_size = shape_.block_size;
+    compact.num_kv_heads = kv_heads;
+    compact.head_dim = c.head_dim;
+    RETURN_IF_ERROR(kc::CompactKv(compact, keep_lists_.as<int32_t>(), p.slots,
+                                  keep_counts_.as<int32_t>(), nullptr, positions, keep_slots,
+                                  nullptr, 0, stream_));
+  }
+  return absl::OkStatus();
 }
 
 void CudaBackend::LayOutMetadata(const ForwardBatch& batch, int64_t rows) {
@@ -299,7 +431,19 @@ void CudaBackend::LayOutMetadata(const ForwardBatch& batch, int64_t rows) {
   at.prefill_tables = at.decode_context + num_decode_;
   at.prefill_offsets = at.prefill_tables + num_prefill_ * table_stride_;
   at.prefill_starts = at.prefill_offsets + num_prefill_ + 1;
-  at.total = at.prefill_starts + num_prefill_;
+  // MorphKV sequences: their kernel arguments, and once compacted the
+  // position of this step's token in the slot it overwrites.
+  int64_t policy = 0;
+  num_scatter_ = 0;
+  for (const SequenceInput& seq : batch.sequences) {
+    if (seq.kv == nullptr || seq.kv->config().kind != KvPolicyKind::kMorphKv) continue;
+    ++policy;
+    if (seq.kv->compacted()) num_scatter_ += c.num_layers * c.num_kv_heads;
+  }
+  at.policy = at.prefill_starts + num_prefill_;
+  at.scatter_offsets = at.policy + policy * kPolicyInts;
+  at.scatter_values = at.scatter_offsets + num_scatter_;
+  at.total = at.scatter_values + num_scatter_;
 }
 
 void CudaBackend::StageMetadata(const ForwardBatch& batch) {
@@ -318,17 +462,22 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
   int64_t prefill = 0;
   int64_t prefill_row = num_decode_;  // device row of the next prompt chunk
   int64_t logit_row = 0;
+  int64_t scatter = 0;
   m[at.prefill_offsets] = 0;
+  policy_steps_.clear();
   for (const SequenceInput& seq : batch.sequences) {
     int64_t first_row;  // the device row of the sequence's first token
+    int64_t table;      // its block table in the metadata
     if (seq.num_tokens == 1) {
       first_row = decode;
+      table = static_cast<int64_t>(at.decode_tables) + decode * table_stride_;
       copy_table(seq.block_table, m + at.decode_tables + decode * table_stride_);
       m[at.decode_context + decode] = static_cast<int32_t>(
           seq.kv != nullptr ? seq.kv->ContextSlots(0) : seq.start_position + 1);
       ++decode;
     } else {
       first_row = prefill_row;
+      table = static_cast<int64_t>(at.prefill_tables) + prefill * table_stride_;
       copy_table(seq.block_table, m + at.prefill_tables + prefill * table_stride_);
       // Prompt chunks run while slots equal positions.
       m[at.prefill_starts + prefill] = static_cast<int32_t>(seq.start_position);
@@ -353,6 +502,39 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
     if (!batch.all_logits) {
       m[at.rows + logit_row++] = static_cast<int32_t>(first_row + seq.num_tokens - 1);
     }
+    if (seq.kv == nullptr || seq.kv->config().kind != KvPolicyKind::kMorphKv) continue;
+    const KvPolicyConfig& config = seq.kv->config();
+    PolicyStep p;
+    p.kv = seq.kv;
+    p.state = static_cast<MorphState*>(seq.kv->device_state());
+    p.table = table;
+    p.meta = static_cast<int64_t>(at.policy) +
+             static_cast<int64_t>(policy_steps_.size()) * kPolicyInts;
+    p.n = seq.num_tokens;
+    p.slots = seq.kv->ContextSlots(seq.num_tokens - 1);
+    // As KvSequence::AfterAttention: the next token t keeps t-W .. t.
+    const int64_t tokens = seq.start_position + seq.num_tokens;
+    p.evict = !seq.prompt_pending && tokens >= config.capacity + 1;
+    p.first = p.evict && !seq.kv->compacted();
+    int32_t* ints = m + p.meta;
+    ints[0] = static_cast<int32_t>(first_row);
+    ints[1] = static_cast<int32_t>(first_row + seq.num_tokens);
+    ints[2] = static_cast<int32_t>(seq.start_position);
+    ints[3] = static_cast<int32_t>(p.slots);
+    ints[4] = static_cast<int32_t>(tokens - config.window);
+    ints[5] = static_cast<int32_t>(config.capacity + 1 - config.window);
+    if (seq.kv->compacted()) {
+      for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+        for (int64_t h = 0; h < kv_heads; ++h) {
+          m[at.scatter_offsets + scatter] = static_cast<int32_t>(
+              p.state->positions + (layer * kv_heads + h) * (config.capacity + 1) +
+              seq.kv->WriteSlot(layer, h, 0));
+          m[at.scatter_values + scatter] = static_cast<int32_t>(seq.start_position);
+          ++scatter;
+        }
+      }
+    }
+    policy_steps_.push_back(p);
   }
 }
 
@@ -436,6 +618,7 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
       RETURN_IF_ERROR(kc::PrefillAttention(prefill, qkv + num_decode_ * qkv_dim, qkv_dim,
                                            Bf16(attn_, num_decode_ * q_dim), stream_));
     }
+    RETURN_IF_ERROR(RunPolicies(li, k_cache, v_cache));
     RETURN_IF_ERROR(matmul(l.wo, hidden, q_dim, Bf16(attn_), delta, DType::kF32));
     RETURN_IF_ERROR(kc::AddRmsNorm(x, delta, l.ffn_norm.as<float>(), c.rms_norm_eps, hidden, xn, n,
                                    stream_));
@@ -451,7 +634,7 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
 absl::Status CudaBackend::QueueLogits(const ForwardBatch& batch) {
   RETURN_IF_ERROR(ValidateForwardBatch(model_.config, shape_, batch));
   for (const SequenceInput& seq : batch.sequences) {
-    if (seq.kv != nullptr) RETURN_IF_ERROR(SupportsPolicy(seq.kv->config().kind));
+    if (seq.kv != nullptr) RETURN_IF_ERROR(SupportsPolicy(seq.kv->config()));
   }
   const ModelConfig& c = model_.config;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
@@ -463,11 +646,29 @@ absl::Status CudaBackend::QueueLogits(const ForwardBatch& batch) {
   RETURN_IF_ERROR(Reserve(std::max(n, capacity_tokens_), std::max(rows, capacity_rows_)));
   LayOutMetadata(batch, rows);
   RETURN_IF_ERROR(ReserveMetadata(meta_at_.total));
+  RETURN_IF_ERROR(EnsurePolicyState(batch));
   StageMetadata(batch);
+  RETURN_IF_ERROR(ReservePolicyScratch());
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(meta_.data(), meta_host_.get(),
                                        meta_at_.total * sizeof(int32_t), cudaMemcpyHostToDevice,
                                        stream_));
+  if (num_scatter_ > 0) {
+    const int32_t* meta = meta_.as<int32_t>();
+    RETURN_IF_ERROR(kc::ScatterInt32(policy_pool_.as<int32_t>(), meta + meta_at_.scatter_offsets,
+                                     meta + meta_at_.scatter_values, num_scatter_, stream_));
+  }
   RETURN_IF_ERROR(RunLayers(n));
+  // The victims each selecting sequence's next token overwrites come back
+  // with the step's results.
+  const int64_t per_sequence = c.num_layers * c.num_kv_heads;
+  int64_t at = 0;
+  for (const PolicyStep& p : policy_steps_) {
+    if (!p.evict) continue;
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(
+        static_cast<int32_t*>(victims_host_.get()) + at, policy_pool_.as<int32_t>() + p.state->victims,
+        per_sequence * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    at += per_sequence;
+  }
   const __nv_bfloat16* head_in = Bf16(xn_);
   if (!batch.all_logits) {
     RETURN_IF_ERROR(kc::GatherRows(Bf16(xn_), c.hidden_size, meta_.as<int32_t>() + meta_at_.rows,
@@ -483,6 +684,13 @@ absl::Status CudaBackend::QueueLogits(const ForwardBatch& batch) {
 void CudaBackend::EndStep(const ForwardBatch& batch) {
   for (const SequenceInput& seq : batch.sequences) {
     if (seq.kv != nullptr) seq.kv->EndStep(seq.num_tokens, seq.prompt_pending);
+  }
+  const int64_t per_sequence = model_.config.num_layers * model_.config.num_kv_heads;
+  const auto* victims = static_cast<const int32_t*>(victims_host_.get());
+  for (const PolicyStep& p : policy_steps_) {
+    if (!p.evict) continue;
+    p.kv->SetVictims(std::span<const int32_t>(victims, static_cast<size_t>(per_sequence)));
+    victims += per_sequence;
   }
 }
 
@@ -503,7 +711,8 @@ absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>*
   return absl::OkStatus();
 }
 
-absl::StatusOr<int64_t> CudaBackend::PenaltyPool::Allocate(int64_t n) {
+absl::StatusOr<int64_t> CudaBackend::DevicePool::Allocate(int64_t n) {
+  n = (n + 3) / 4 * 4;
   for (auto it = free_.begin(); it != free_.end(); ++it) {
     if (it->second < n) continue;
     const int64_t offset = it->first;
@@ -514,11 +723,9 @@ absl::StatusOr<int64_t> CudaBackend::PenaltyPool::Allocate(int64_t n) {
   }
   // Grow: at least double, and enough for `n` past the end.
   const int64_t grown = std::max<int64_t>({2 * capacity_, capacity_ + n, 1 << 16});
-  ASSIGN_OR_RETURN(DeviceBuffer bigger,
-                   DeviceBuffer::Allocate(grown * sizeof(kernels::cuda::PenaltyEntry)));
+  ASSIGN_OR_RETURN(DeviceBuffer bigger, DeviceBuffer::Allocate(grown * element_bytes_));
   if (capacity_ > 0) {
-    RETURN_IF_CUDA_ERROR(cudaMemcpy(bigger.data(), buffer_.data(),
-                                    capacity_ * sizeof(kernels::cuda::PenaltyEntry),
+    RETURN_IF_CUDA_ERROR(cudaMemcpy(bigger.data(), buffer_.data(), capacity_ * element_bytes_,
                                     cudaMemcpyDeviceToDevice));
   }
   buffer_ = std::move(bigger);
@@ -527,7 +734,8 @@ absl::StatusOr<int64_t> CudaBackend::PenaltyPool::Allocate(int64_t n) {
   return Allocate(n);
 }
 
-void CudaBackend::PenaltyPool::Free(int64_t offset, int64_t n) {
+void CudaBackend::DevicePool::Free(int64_t offset, int64_t n) {
+  n = (n + 3) / 4 * 4;
   auto [it, inserted] = free_.emplace(offset, n);
   if (!inserted) return;
   // Merge with the following range, then with the preceding one.
@@ -561,7 +769,7 @@ absl::Status CudaBackend::AddRequest(int64_t id, const SamplingParams& params,
     r.penalty_size = static_cast<int32_t>(entries.size());
     r.penalty_capacity = static_cast<int32_t>(entries.size() + std::max<int64_t>(max_new_tokens, 1));
     ASSIGN_OR_RETURN(r.penalty_offset, penalties_.Allocate(r.penalty_capacity));
-    RETURN_IF_CUDA_ERROR(cudaMemcpy(penalties_.entries() + r.penalty_offset, entries.data(),
+    RETURN_IF_CUDA_ERROR(cudaMemcpy(penalties_.as<kc::PenaltyEntry>() + r.penalty_offset, entries.data(),
                                     entries.size() * sizeof(kc::PenaltyEntry),
                                     cudaMemcpyHostToDevice));
   }
@@ -613,7 +821,7 @@ absl::Status CudaBackend::ForwardAndSample(const ForwardBatch& batch,
   args.num_rows = n_rows;
   args.vocab = model_.config.vocab_size;
   args.rows = sample_rows_.as<kc::SamplingRowParams>();
-  args.penalty_entries = penalties_.entries();
+  args.penalty_entries = penalties_.as<kc::PenaltyEntry>();
   args.record_tokens = true;
   args.tokens = sampled_.as<int32_t>();
   args.logprobs = sampled_.as<float>() + capacity_rows_;

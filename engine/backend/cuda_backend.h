@@ -28,6 +28,7 @@
 #include "engine/model/model.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/matmul.h"
+#include "engine/kv/kv_sequence.h"
 #include "kernels/cuda/sampling.h"
 
 namespace morphserve::engine {
@@ -59,7 +60,7 @@ class CudaBackend final : public ForwardBackend {
 
   std::string_view device() const override { return "cuda"; }
   const KvCacheShape& cache_shape() const override { return shape_; }
-  absl::Status SupportsPolicy(KvPolicyKind policy) const override;
+  absl::Status SupportsPolicy(const KvPolicyConfig& policy) const override;
   absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
   // Sampling runs on the device (kernels/cuda/sampling.h): the seeded draws
   // follow the device's own random stream, so they differ from the CPU's;
@@ -101,21 +102,56 @@ class CudaBackend final : public ForwardBackend {
     std::unordered_set<int32_t> listed;
   };
 
-  // First-fit ranges of PenaltyEntry in one device array, which doubles
-  // when full (between steps, when no kernel reads it).
-  class PenaltyPool {
+  // First-fit ranges of fixed-size elements in one device array, which
+  // doubles when full (between steps, when no kernel reads it), so callers
+  // keep offsets, not pointers. Ranges are multiples of 4 elements.
+  class DevicePool {
    public:
+    explicit DevicePool(size_t element_bytes) : element_bytes_(element_bytes) {}
     absl::StatusOr<int64_t> Allocate(int64_t n);
     void Free(int64_t offset, int64_t n);
-    kernels::cuda::PenaltyEntry* entries() const {
-      return buffer_.as<kernels::cuda::PenaltyEntry>();
+    template <typename T>
+    T* as() const {
+      return buffer_.as<T>();
     }
 
    private:
+    size_t element_bytes_;
     DeviceBuffer buffer_;
     int64_t capacity_ = 0;
     std::map<int64_t, int64_t> free_;  // offset -> length, disjoint, merged
   };
+
+  // A MorphKV sequence's device state, in policy_pool_ (int32 elements):
+  // the query ring [layer][W][q_dim] bf16, the positions of its slots
+  // [layer][kv_head][C + 1] once compacted, and the victims its last
+  // selection chose [layer][kv_head].
+  struct MorphState : KvSequence::DeviceState {
+    MorphState(DevicePool* owner, int64_t start, int64_t length)
+        : pool(owner), offset(start), size(length) {}
+    ~MorphState() override { pool->Free(offset, size); }
+    DevicePool* pool;
+    int64_t offset, size;
+    int64_t ring = 0, positions = 0, victims = 0;  // element offsets in the pool
+  };
+  // A sequence with a device-scored policy in this step.
+  struct PolicyStep {
+    KvSequence* kv = nullptr;
+    MorphState* state = nullptr;
+    int64_t table = 0;  // its block table in the metadata
+    int64_t meta = 0;   // its kPolicyInts in the metadata
+    int64_t n = 0;      // its tokens this step
+    int64_t slots = 0;  // slots held once the step's tokens are written
+    bool evict = false, first = false;
+  };
+  // Per policy sequence and step: query_start (2), the first position, the
+  // slots held, the first recent position, the candidates to keep.
+  static constexpr int64_t kPolicyInts = 6;
+  absl::Status EnsurePolicyState(const ForwardBatch& batch);
+  absl::Status RunPolicies(int64_t layer, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
+  absl::Status GrowScratch(DeviceBuffer& buffer, size_t bytes);
+  // Sizes the policies' scratch for the step (before anything is queued).
+  absl::Status ReservePolicyScratch();
 
   CudaBackend(const Model& model, kernels::cuda::Cublas cublas);
   // Queues the step up to the logits (in logits_); EndStep advances the
@@ -165,7 +201,12 @@ class CudaBackend final : public ForwardBackend {
   DeviceBuffer sample_rows_, sampled_;
   Pinned sample_host_, sampled_host_;
   std::map<int64_t, RequestSampling> requests_;
-  PenaltyPool penalties_;
+  DevicePool penalties_{sizeof(kernels::cuda::PenaltyEntry)};
+  DevicePool policy_pool_{sizeof(int32_t)};
+  std::vector<PolicyStep> policy_steps_;
+  DeviceBuffer policy_scratch_, policy_scores_, keep_lists_, keep_counts_;
+  Pinned victims_host_;
+  size_t victims_capacity_ = 0;  // int32 entries in victims_host_
   std::mt19937_64 seed_rng_{std::random_device{}()};
   DeviceBuffer meta_;            // int32: the staged metadata
   Pinned meta_host_, logits_host_;
@@ -178,11 +219,14 @@ class CudaBackend final : public ForwardBackend {
     size_t slots;               // [layer][n][kv_head]: flat cache slots
     size_t decode_tables, decode_context;                   // per decode
     size_t prefill_tables, prefill_offsets, prefill_starts;  // per chunk
+    size_t policy;                           // kPolicyInts per policy sequence
+    size_t scatter_offsets, scatter_values;  // position updates
     size_t total;
   } meta_at_{};
   int64_t num_decode_ = 0;       // single-token sequences this step
   int64_t num_prefill_ = 0;      // prompt chunks of several tokens
   int64_t prefill_max_len_ = 0;  // the longest chunk
+  int64_t num_scatter_ = 0;      // position updates this step
   int64_t attention_rows_ = 0;   // rows PagedAttention runs at once
 };
 

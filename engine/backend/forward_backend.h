@@ -39,7 +39,7 @@ class ForwardBackend {
   virtual const KvCacheShape& cache_shape() const = 0;
   // Whether this backend can run sequences under `policy` (an error saying
   // why not otherwise), checked when a request is admitted.
-  virtual absl::Status SupportsPolicy(KvPolicyKind policy) const = 0;
+  virtual absl::Status SupportsPolicy(const KvPolicyConfig& policy) const = 0;
 
   // Runs one step with LlamaForward::Forward's contract: K/V go into the
   // backend's pool, f32 logits into `logits` on the host, and each

@@ -93,6 +93,10 @@ KvUsage KvSequence::Usage() const {
   return u;
 }
 
+void KvSequence::SetVictims(std::span<const int32_t> victims) {
+  std::copy(victims.begin(), victims.end(), victim_.begin());
+}
+
 void KvSequence::PushQueries(int64_t layer, const float* q, int64_t q_stride, int64_t n) {
   const int64_t row = num_heads_ * shape_.head_dim;
   for (int64_t i = std::max<int64_t>(0, n - ring_size_); i < n; ++i) {

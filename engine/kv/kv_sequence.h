@@ -18,6 +18,7 @@
 #define MORPHSERVE_ENGINE_KV_KV_SEQUENCE_H_
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -78,6 +79,23 @@ class KvSequence {
   int64_t PendingVictim(int64_t layer, int64_t kv_head) const;
 
   KvUsage Usage() const;
+
+  // Whether a selection has dropped tokens (slots no longer equal
+  // positions).
+  bool compacted() const { return !aligned_; }
+
+  // For a backend that scores on its own device instead of through
+  // AfterAttention: the slot the next token overwrites in each (layer, KV
+  // head), victims[layer * num_kv_heads + kv_head], set after EndStep of a
+  // step that selected. The backend keeps the positions and the policy's
+  // scoring state itself, in a DeviceState that lives as long as this
+  // sequence.
+  void SetVictims(std::span<const int32_t> victims);
+  struct DeviceState {
+    virtual ~DeviceState() = default;
+  };
+  DeviceState* device_state() const { return device_state_.get(); }
+  void set_device_state(std::unique_ptr<DeviceState> state) { device_state_ = std::move(state); }
   // Wall time spent in AfterAttention (scoring, selection, compaction).
   double policy_seconds() const { return static_cast<double>(policy_nanos_) * 1e-9; }
 
@@ -142,6 +160,7 @@ class KvSequence {
   std::vector<std::vector<float>> h2o_scores_;   // per slot
   std::vector<int32_t> victim_;                  // next token's slot when overwrite_
   std::vector<std::vector<float>> ring_;         // per layer: [ring_size][num_heads][head_dim]
+  std::unique_ptr<DeviceState> device_state_;
 };
 
 }  // namespace morphserve::engine

@@ -112,6 +112,14 @@ __global__ void __launch_bounds__(kElementThreads)
   }
 }
 
+__global__ void __launch_bounds__(kElementThreads)
+    ScatterInt32Kernel(int32_t* base, const int32_t* offsets, const int32_t* values, int64_t n) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
+    base[offsets[i]] = values[i];
+  }
+}
+
 template <bool kAddDelta>
 absl::Status LaunchRmsNorm(std::conditional_t<kAddDelta, float*, const float*> x,
                            const float* delta, const float* weight, float eps, int64_t n,
@@ -182,6 +190,15 @@ absl::Status GatherRows(const __nv_bfloat16* x, int64_t n, const int32_t* rows,
   GatherRowsKernel<<<GridStrideBlocks(total, kElementThreads), kElementThreads, 0, stream>>>(
       x, n, rows, out, total);
   return LaunchStatus("GatherRowsKernel");
+}
+
+absl::Status ScatterInt32(int32_t* base, const int32_t* offsets, const int32_t* values,
+                          int64_t n, cudaStream_t stream) {
+  RETURN_IF_ERROR(Require(n >= 0, "ScatterInt32", "n >= 0"));
+  if (n == 0) return absl::OkStatus();
+  ScatterInt32Kernel<<<GridStrideBlocks(n, kElementThreads), kElementThreads, 0, stream>>>(
+      base, offsets, values, n);
+  return LaunchStatus("ScatterInt32Kernel");
 }
 
 }  // namespace morphserve::kernels::cuda

@@ -60,6 +60,12 @@ absl::Status AddBias(__nv_bfloat16* x, const float* bias, int64_t n, int64_t n_t
 absl::Status GatherRows(const __nv_bfloat16* x, int64_t n, const int32_t* rows,
                         __nv_bfloat16* out, int64_t n_rows, cudaStream_t stream);
 
+// base[offsets[i]] = values[i] for i < n: a step's few updates to a device
+// table (a KV policy's slot positions). offsets, values: int32 [n]; offsets
+// are distinct, so the order of the writes does not matter.
+absl::Status ScatterInt32(int32_t* base, const int32_t* offsets, const int32_t* values,
+                          int64_t n, cudaStream_t stream);
+
 }  // namespace morphserve::kernels::cuda
 
 #endif  // MORPHSERVE_KERNELS_CUDA_ELEMENTWISE_H_

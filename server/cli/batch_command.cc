@@ -102,11 +102,11 @@ absl::Status Run(const BatchOptions& o) {
   }
 
   ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
-  engine_options.policies = {base.kv.kind};
+  engine_options.policies = {base.kv};
   ASSIGN_OR_RETURN(const std::unique_ptr<server::EngineLoop> engine_loop,
                    server::EngineLoop::Create(*model, engine_options));
   server::EngineLoop& engine = *engine_loop;
-  RETURN_IF_ERROR(engine.SupportsPolicy(base.kv.kind));
+  RETURN_IF_ERROR(engine.SupportsPolicy(base.kv));
 
   const size_t total = prompts.size() * static_cast<size_t>(o.repeat);
   std::vector<InFlight> flying;

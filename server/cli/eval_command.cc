@@ -198,7 +198,7 @@ absl::Status Run(const EvalOptions& o, const std::string& command_line) {
   // Members of a prompt's set: 0 is the full-cache reference, then one per
   // configuration. The backend's pool fits the largest prompt's set.
   std::vector<std::vector<int32_t>> encoded;
-  std::vector<KvPolicyKind> kinds = {KvPolicyKind::kFull};
+  std::vector<KvPolicyConfig> configs = {KvPolicyConfig{}};
   int64_t pool_blocks = 0;
   for (const EvalPrompt& prompt : prompts) {
     ASSIGN_OR_RETURN(std::vector<int32_t> tokens,
@@ -216,10 +216,10 @@ absl::Status Run(const EvalOptions& o, const std::string& command_line) {
     pool_blocks = std::max(pool_blocks, blocks);
     encoded.push_back(std::move(tokens));
   }
-  for (const FidelityStats& s : stats) kinds.push_back(s.policy.kind);
+  for (const FidelityStats& s : stats) configs.push_back(s.policy);
   ASSIGN_OR_RETURN(const std::unique_ptr<engine::ForwardBackend> backend,
                    OfflineBackend(*model, o.device, o.threads, o.block_size, pool_blocks,
-                                  /*reference_kernels=*/false, kinds));
+                                  /*reference_kernels=*/false, configs));
   // The reference never ends early: end-of-generation tokens are banned from
   // every greedy choice, the policies' included.
   const std::vector<int32_t>& banned = tokenizer.end_of_generation_ids();

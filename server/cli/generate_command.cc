@@ -98,7 +98,7 @@ absl::Status Run(const GenerateOptions& o) {
   const int64_t prompt_tokens = static_cast<int64_t>(prompt.size());
   const int64_t blocks =
       SequenceSet::BlocksFor(kv_policy, prompt_tokens, o.gen.max_tokens, o.block_size);
-  const KvPolicyKind policies[] = {kv_policy.kind};
+  const KvPolicyConfig policies[] = {kv_policy};
   ASSIGN_OR_RETURN(const std::unique_ptr<engine::ForwardBackend> backend,
                    OfflineBackend(*model, o.device, o.threads, o.block_size, blocks,
                                   o.reference_kernels, policies));

@@ -16,7 +16,7 @@ SequenceSet::SequenceSet(const engine::Model& model, engine::ForwardBackend* bac
 
 absl::StatusOr<std::unique_ptr<engine::ForwardBackend>> OfflineBackend(
     const engine::Model& model, const std::string& device, int64_t threads, int64_t block_size,
-    int64_t num_blocks, bool reference_kernels, std::span<const KvPolicyKind> policies) {
+    int64_t num_blocks, bool reference_kernels, std::span<const KvPolicyConfig> policies) {
   if (threads < 0) return absl::InvalidArgumentError("--threads must be at least 0");
   engine::BackendOptions options;
   ASSIGN_OR_RETURN(options.device, engine::ResolveDevice(device));
@@ -27,7 +27,7 @@ absl::StatusOr<std::unique_ptr<engine::ForwardBackend>> OfflineBackend(
   options.policies.assign(policies.begin(), policies.end());
   ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> backend,
                    engine::CreateBackend(model, options));
-  for (KvPolicyKind policy : policies) RETURN_IF_ERROR(backend->SupportsPolicy(policy));
+  for (const KvPolicyConfig& policy : policies) RETURN_IF_ERROR(backend->SupportsPolicy(policy));
   return backend;
 }
 

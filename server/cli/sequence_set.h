@@ -79,7 +79,7 @@ class SequenceSet {
 // does not run.
 absl::StatusOr<std::unique_ptr<engine::ForwardBackend>> OfflineBackend(
     const engine::Model& model, const std::string& device, int64_t threads, int64_t block_size,
-    int64_t num_blocks, bool reference_kernels, std::span<const KvPolicyKind> policies);
+    int64_t num_blocks, bool reference_kernels, std::span<const KvPolicyConfig> policies);
 
 }  // namespace morphserve::cli
 

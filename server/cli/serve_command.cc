@@ -161,11 +161,11 @@ absl::Status Run(const ServeOptions& o) {
   defaults.max_new_tokens = std::min(o.max_new_tokens, defaults.max_new_tokens_limit);
   ASSIGN_OR_RETURN(server::EngineOptions engine_options, EngineOptionsFromFlags(o.engine));
   engine_options.max_queue = o.max_queue;
-  engine_options.policies = {defaults.kv.kind};
+  engine_options.policies = {defaults.kv};
   ASSIGN_OR_RETURN(const std::unique_ptr<server::EngineLoop> engine_loop,
                    server::EngineLoop::Create(*model, engine_options));
   server::EngineLoop& engine = *engine_loop;
-  RETURN_IF_ERROR(engine.SupportsPolicy(defaults.kv.kind));
+  RETURN_IF_ERROR(engine.SupportsPolicy(defaults.kv));
   server::GenerationService service(*model, &engine, defaults);
   service.set_log_prompts(o.log_prompts);
 

@@ -4,8 +4,10 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -229,6 +231,30 @@ TEST_F(ElementwiseCudaTest, GatherRowsCopiesTheChosenRows) {
     ASSERT_OK(Sync());
     ASSERT_OK_AND_ASSIGN(const std::vector<uint16_t> got, d_out.ToHost<uint16_t>());
     EXPECT_EQ(got, expected) << "n_tokens=" << s.n_tokens << " n=" << s.n;
+  }
+}
+
+TEST_F(ElementwiseCudaTest, ScatterInt32WritesOnlyTheGivenEntries) {
+  std::mt19937 rng(16);
+  for (int64_t n : {1, 17, 1031}) {
+    std::vector<int32_t> table(3 * n + 5);
+    for (int32_t& v : table) v = static_cast<int32_t>(rng() % 1000);
+    std::vector<int32_t> offsets(table.size());
+    std::iota(offsets.begin(), offsets.end(), 0);
+    std::shuffle(offsets.begin(), offsets.end(), rng);
+    offsets.resize(n);
+    std::vector<int32_t> values(n);
+    for (int32_t& v : values) v = -static_cast<int32_t>(rng() % 1000) - 1;
+    std::vector<int32_t> expected = table;
+    for (int64_t i = 0; i < n; ++i) expected[offsets[i]] = values[i];
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_table, Upload(table));
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_offsets, Upload(offsets));
+    ASSERT_OK_AND_ASSIGN(DeviceBuffer d_values, Upload(values));
+    ASSERT_OK(ScatterInt32(d_table.as<int32_t>(), d_offsets.as<int32_t>(), d_values.as<int32_t>(),
+                           n, stream_));
+    ASSERT_OK(Sync());
+    ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> got, d_table.ToHost<int32_t>());
+    EXPECT_EQ(got, expected) << "n=" << n;
   }
 }
 
