@@ -3,11 +3,16 @@
 // tokens/s against batch size.
 //   bench_batching --model PATH [--threads 2] [--requests 64] [--prompt-tokens 128]
 //                  [--gen-tokens 512] [--pool-seqs 16] [--window 16] [--capacity 128]
-//                  [--batch-sizes 1,2,4,8,16,32,64] [--out DIR]
+//                  [--batch-sizes 1,2,4,8,16,32,64] [--device cpu|cuda]
+//                  [--load-format dummy] [--out DIR]
 // The pool holds --pool-seqs full-length sequences (prompt + generated). All
 // requests arrive at once, greedy, end-of-sequence ignored. Writes
 // DIR/batching.md (tables) and DIR/batching.png (KV blocks and decoding
-// sequences over time; tokens/s against batch size).
+// sequences over time; tokens/s against batch size). With --device cuda and
+// a dummy Llama-3.1-8B-shaped model it is the GPU throughput comparison:
+//   bench_batching --device cuda --load-format dummy
+//       --model benchmarks/configs/llama-3.1-8b --prompt-tokens 1024
+//       --gen-tokens 8192 --window 32 --capacity 2048 --pool-seqs 32 ...
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -50,7 +55,12 @@ struct RunResult {
 RunResult Run(const engine::Model& model, const server::EngineOptions& options,
               const KvPolicyConfig& kv, int64_t requests, int64_t prompt_tokens, int64_t gen_tokens,
               const std::string& label) {
-  server::EngineLoop engine(model, options);
+  auto created = server::EngineLoop::Create(model, options);
+  if (!created.ok()) {
+    std::fprintf(stderr, "%s: %s\n", label.c_str(), std::string(created.status().message()).c_str());
+    std::exit(1);
+  }
+  server::EngineLoop& engine = **created;
   std::mt19937 rng(7);
   std::vector<std::shared_ptr<server::TokenStream>> streams;
   for (int64_t i = 0; i < requests; ++i) {
@@ -106,6 +116,7 @@ RunResult Run(const engine::Model& model, const server::EngineOptions& options,
 
 int Main(int argc, char** argv) {
   std::string model_path, batch_sizes = "1,2,4,8,16,32,64", out = "bench-out";
+  std::string device = "cpu", load_format = "auto";
   int64_t threads = 2, requests = 64, prompt_tokens = 128, gen_tokens = 512, pool_seqs = 16;
   int64_t window = 16, capacity = 128, sweep_tokens = 64;
   bool full_guaranteed = false;
@@ -124,12 +135,19 @@ int Main(int argc, char** argv) {
   p.AddString("batch-sizes", &batch_sizes, "batch sizes for the throughput sweep (empty: skip)");
   p.AddInt("sweep-tokens", &sweep_tokens, "tokens generated per request in the sweep");
   p.AddString("out", &out, "output directory");
+  p.AddString("device", &device, "cpu or cuda");
+  p.AddString("load-format", &load_format, "auto, gguf, safetensors or dummy");
   if (absl::Status s = p.Parse(argc, argv, 1);
       !s.ok() || p.help_requested() || model_path.empty()) {
     std::fputs(p.Help().c_str(), s.ok() ? stdout : stderr);
     return s.ok() && p.help_requested() ? 0 : 2;
   }
-  auto loaded = engine::LoadModel({.path = model_path});
+  auto format = engine::ParseLoadFormat(load_format);
+  if (!format.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(format.status().message()).c_str());
+    return 2;
+  }
+  auto loaded = engine::LoadModel({.path = model_path, .format = *format});
   if (!loaded.ok()) {
     std::fprintf(stderr, "%s\n", std::string(loaded.status().message()).c_str());
     return 1;
@@ -139,6 +157,7 @@ int Main(int argc, char** argv) {
 
   const int64_t block_size = 16;
   server::EngineOptions options;
+  options.device = device;
   options.block_size = block_size;
   options.threads = static_cast<int>(threads);
   options.record_timeline = true;
