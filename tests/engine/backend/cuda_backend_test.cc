@@ -160,6 +160,19 @@ std::vector<std::vector<int32_t>> RandomPrompts(const std::vector<int64_t>& leng
   return prompts;
 }
 
+// A small Llama-family shape the CUDA kernels take (head_dim 64).
+testing::TinySpec Shape(int64_t heads, int64_t kv_heads, int64_t ffn, int64_t vocab) {
+  testing::TinySpec spec;
+  spec.heads = heads;
+  spec.kv_heads = kv_heads;
+  spec.head_dim = 64;
+  spec.hidden = heads * 64;
+  spec.ffn = ffn;
+  spec.vocab = vocab;
+  spec.context = 256;
+  return spec;
+}
+
 class CudaBackendTest : public testing::CudaTest {
  protected:
   // A model of `spec`'s shape with random bf16 weights scaled so that
@@ -215,14 +228,7 @@ class CudaBackendTest : public testing::CudaTest {
 };
 
 TEST_F(CudaBackendTest, TinyLlamaGreedyMatchesCpuAcrossChunksAndSequences) {
-  testing::TinySpec spec;
-  spec.hidden = 256;
-  spec.heads = 4;
-  spec.kv_heads = 2;
-  spec.head_dim = 64;
-  spec.ffn = 320;
-  spec.vocab = 300;
-  spec.context = 256;
+  const testing::TinySpec spec = Shape(4, 2, 320, 300);
   const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
   ASSERT_NE(model, nullptr);
   // Lengths 1, 17 and one past several blocks; chunks of 16 so the long
@@ -231,15 +237,8 @@ TEST_F(CudaBackendTest, TinyLlamaGreedyMatchesCpuAcrossChunksAndSequences) {
 }
 
 TEST_F(CudaBackendTest, Qwen2BiasesAndGroupsOfThreeMatchCpu) {
-  testing::TinySpec spec;
+  testing::TinySpec spec = Shape(6, 2, 256, 280);
   spec.qwen2 = true;
-  spec.hidden = 384;
-  spec.heads = 6;
-  spec.kv_heads = 2;
-  spec.head_dim = 64;
-  spec.ffn = 256;
-  spec.vocab = 280;
-  spec.context = 256;
   spec.tied = true;
   const std::unique_ptr<Model> model = TinyModel(spec, "Qwen2ForCausalLM");
   ASSERT_NE(model, nullptr);
@@ -250,14 +249,7 @@ TEST_F(CudaBackendTest, Qwen2BiasesAndGroupsOfThreeMatchCpu) {
 // after a short one grows past C+1 while decoding, then one eviction per
 // step, with both fusions.
 TEST_F(CudaBackendTest, MorphKvOnTheDeviceMatchesTheCpu) {
-  testing::TinySpec spec;
-  spec.hidden = 256;
-  spec.heads = 4;
-  spec.kv_heads = 2;
-  spec.head_dim = 64;
-  spec.ffn = 256;
-  spec.vocab = 300;
-  spec.context = 256;
+  const testing::TinySpec spec = Shape(4, 2, 256, 300);
   const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
   ASSERT_NE(model, nullptr);
   for (KvFusion fusion : {KvFusion::kSum, KvFusion::kMax}) {
@@ -288,13 +280,7 @@ TEST_F(CudaBackendTest, FixtureModelGreedyMatchesCpu) {
 // log-probabilities; a seeded sampling row repeats itself exactly on a
 // second backend.
 TEST_F(CudaBackendTest, DeviceSamplingMatchesTheCpuSampler) {
-  testing::TinySpec spec;
-  spec.hidden = 256;
-  spec.heads = 4;
-  spec.kv_heads = 1;
-  spec.head_dim = 64;
-  spec.ffn = 256;
-  spec.vocab = 333;
+  const testing::TinySpec spec = Shape(4, 1, 256, 333);
   const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
   ASSERT_NE(model, nullptr);
   SamplingParams greedy;
@@ -389,12 +375,7 @@ TEST_F(CudaBackendTest, DeviceSamplingMatchesTheCpuSampler) {
 }
 
 TEST_F(CudaBackendTest, BadBatchesAreErrorsAndLeaveTheBackendWorking) {
-  testing::TinySpec spec;
-  spec.hidden = 128;
-  spec.heads = 2;
-  spec.kv_heads = 1;
-  spec.head_dim = 64;
-  spec.vocab = 300;
+  const testing::TinySpec spec = Shape(2, 1, 96, 300);
   const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
   ASSERT_NE(model, nullptr);
   BackendOptions options;
