@@ -171,8 +171,8 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const SumParams p) {
 
   __shared__ __align__(16) float q[kRowChunk][kHeadDim];
   __shared__ int len[kRowChunk];
-  __shared__ float run_max[kRowsAtOnce][kRowChunk];
-  __shared__ float run_sum[kRowsAtOnce][kRowChunk];
+  __shared__ internal::RowStats<kRowsAtOnce> run_max;
+  __shared__ internal::RowStats<kRowsAtOnce> run_sum;
 
   const int lane_in_row = static_cast<int>(threadIdx.x) % kRowThreads;
   const int row = static_cast<int>(threadIdx.x) / kRowThreads;
@@ -188,10 +188,7 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const SumParams p) {
     // statistics.
     if (chunk_n == 0) continue;
     LoadRows<kHeadDim>(p, rows_of, seq, kv_head, r0, rows, q, len);
-    for (int i = static_cast<int>(threadIdx.x); i < kRowsAtOnce * kRowChunk; i += kThreads) {
-      run_max[i / kRowChunk][i % kRowChunk] = -INFINITY;
-      run_sum[i / kRowChunk][i % kRowChunk] = 0.0f;
-    }
+    internal::ResetRowStats<kThreads, kRowsAtOnce>(run_max, run_sum);
     __syncthreads();
     for (int j0 = 0; j0 < chunk_n; j0 += kRowsAtOnce) {
       const int j = j0 + row;
@@ -205,26 +202,13 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const SumParams p) {
 #pragma unroll
       for (int r = 0; r < kRowChunk; ++r) {
         if (valid && r < rows && r % kRowThreads == lane_in_row && start + j < len[r]) {
-          const float m = run_max[row][r];
-          const float l = logits[r];
-          if (l > m) {
-            run_sum[row][r] = run_sum[row][r] * expf(m - l) + 1.0f;
-            run_max[row][r] = l;
-          } else {
-            run_sum[row][r] += expf(l - m);
-          }
+          internal::FoldLogit(logits[r], run_max[row][r], run_sum[row][r]);
         }
       }
     }
     __syncthreads();
-    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
-      float m = -INFINITY;
-      for (int t = 0; t < kRowsAtOnce; ++t) m = fmaxf(m, run_max[t][r]);
-      float sum = 0.0f;
-      for (int t = 0; t < kRowsAtOnce; ++t) sum += Rescaled(run_sum[t][r], run_max[t][r], m);
-      p.part_max[stats_at + r0 + r] = m;
-      p.part_sum[stats_at + r0 + r] = sum;
-    }
+    internal::MergeRowStats<kThreads, kRowsAtOnce>(
+        run_max, run_sum, rows, p.part_max + stats_at + r0, p.part_sum + stats_at + r0);
     __syncthreads();  // q, len and the running statistics are refilled next chunk
   }
 }
@@ -337,6 +321,29 @@ absl::Status LaunchSums(const SumParams& p, int64_t num_seqs, cudaStream_t strea
   RETURN_IF_ERROR(LaunchStatus(p.snap ? "SnapKvRowStatsKernel" : "H2oRowStatsKernel"));
   RowSumKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
   return LaunchStatus(p.snap ? "SnapKvRowSumKernel" : "H2oRowSumKernel");
+}
+
+// The fields both policies' sums share, from their arguments (H2O's or
+// SnapKV's): the cache and its geometry, `rows_per_head` query rows per
+// query head, and the scratch's leading part_max and part_sum arrays, one
+// entry per (sequence, KV head, partition, row) each.
+template <typename Args>
+SumParams CommonSumParams(const Args& a, int64_t rows_per_head, void* scratch) {
+  SumParams p{};
+  p.k_cache = a.k_cache;
+  p.block_tables = a.block_tables;
+  p.block_table_stride = a.block_table_stride;
+  p.max_slots = static_cast<int>(a.max_slots);
+  p.max_partitions = NumPartitions(p.max_slots);
+  p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
+  p.max_rows = static_cast<int>(rows_per_head) * p.group;
+  p.block_size = static_cast<int>(a.block_size);
+  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
+  p.scale = a.scale;
+  const int64_t stats = a.num_seqs * a.num_kv_heads * p.max_partitions * p.max_rows;
+  p.part_max = static_cast<float*>(scratch);
+  p.part_sum = p.part_max + stats;
+  return p;
 }
 
 absl::Status LaunchSums(const SumParams& p, int64_t head_dim, int64_t num_seqs,
@@ -716,17 +723,7 @@ absl::Status H2oAccumulate(const H2oAccumulateArgs& a, const __nv_bfloat16* q, i
   RETURN_IF_ERROR(Require(scores_stride >= a.max_slots, kName, "scores_stride >= max_slots"));
   if (a.num_seqs == 0) return absl::OkStatus();
 
-  SumParams p{};
-  p.k_cache = a.k_cache;
-  p.block_tables = a.block_tables;
-  p.block_table_stride = a.block_table_stride;
-  p.max_slots = static_cast<int>(a.max_slots);
-  p.max_partitions = NumPartitions(p.max_slots);
-  p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
-  p.max_rows = static_cast<int>(a.max_tokens) * p.group;
-  p.block_size = static_cast<int>(a.block_size);
-  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
-  p.scale = a.scale;
+  SumParams p = CommonSumParams(a, a.max_tokens, scratch);
   p.snap = false;
   p.num_slots = a.num_slots;
   p.query_start = a.query_start;
@@ -736,9 +733,6 @@ absl::Status H2oAccumulate(const H2oAccumulateArgs& a, const __nv_bfloat16* q, i
   p.q_row_stride = q_stride;
   p.out = scores;
   p.out_stride = scores_stride;
-  const int64_t stats = a.num_seqs * a.num_kv_heads * p.max_partitions * p.max_rows;
-  p.part_max = static_cast<float*>(scratch);
-  p.part_sum = p.part_max + stats;
   return LaunchSums(p, a.head_dim, a.num_seqs, stream);
 }
 
@@ -835,17 +829,7 @@ absl::Status SnapKvScores(const SnapKvScoresArgs& a, const __nv_bfloat16* ring,
   RETURN_IF_ERROR(Require(pooled_stride >= a.max_slots, kName, "pooled_stride >= max_slots"));
   if (a.num_seqs == 0) return absl::OkStatus();
 
-  SumParams p{};
-  p.k_cache = a.k_cache;
-  p.block_tables = a.block_tables;
-  p.block_table_stride = a.block_table_stride;
-  p.max_slots = static_cast<int>(a.max_slots);
-  p.max_partitions = NumPartitions(p.max_slots);
-  p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
-  p.max_rows = static_cast<int>(a.window) * p.group;
-  p.block_size = static_cast<int>(a.block_size);
-  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
-  p.scale = a.scale;
+  SumParams p = CommonSumParams(a, a.window, scratch);
   p.snap = true;
   p.num_tokens = a.num_tokens;
   p.window = static_cast<int>(a.window);
@@ -853,10 +837,7 @@ absl::Status SnapKvScores(const SnapKvScoresArgs& a, const __nv_bfloat16* ring,
   p.q = ring;
   p.q_seq_stride = ring_seq_stride;
   p.q_row_stride = ring_row_stride;
-  const int64_t stats = a.num_seqs * a.num_kv_heads * p.max_partitions * p.max_rows;
-  p.part_max = static_cast<float*>(scratch);
-  p.part_sum = p.part_max + stats;
-  p.out = p.part_sum + stats;
+  p.out = p.part_sum + (p.part_sum - p.part_max);  // after the two statistics arrays
   p.out_stride = a.max_slots;
   p.pooled = pooled;
   p.pooled_stride = pooled_stride;

@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
 
   __shared__ __align__(16) float q[kRowChunk][kHeadDim];
   __shared__ int pos[kPartition];
-  __shared__ float run_max[kRowsAtOnce][kRowChunk];
-  __shared__ float run_sum[kRowsAtOnce][kRowChunk];
+  __shared__ internal::RowStats<kRowsAtOnce> run_max;
+  __shared__ internal::RowStats<kRowsAtOnce> run_sum;
 
   MarkCandidates(p, seq, kv_head, start, n, pos);
   const int lane_in_row = static_cast<int>(threadIdx.x) % kRowThreads;
@@ -154,10 +154,7 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
   for (int r0 = 0; r0 < p.window; r0 += kRowChunk) {
     const int rows = min(kRowChunk, p.window - r0);
     LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
-    for (int i = static_cast<int>(threadIdx.x); i < kRowsAtOnce * kRowChunk; i += kThreads) {
-      run_max[i / kRowChunk][i % kRowChunk] = -INFINITY;
-      run_sum[i / kRowChunk][i % kRowChunk] = 0.0f;
-    }
+    internal::ResetRowStats<kThreads, kRowsAtOnce>(run_max, run_sum);
     __syncthreads();
     // Every thread runs the same number of iterations: the shuffles need
     // their whole warp.
@@ -169,26 +166,13 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
 #pragma unroll
       for (int r = 0; r < kRowChunk; ++r) {
         if (candidate && r < rows && r % kRowThreads == lane_in_row) {
-          const float m = run_max[row][r];
-          const float l = logits[r];
-          if (l > m) {
-            run_sum[row][r] = run_sum[row][r] * expf(m - l) + 1.0f;
-            run_max[row][r] = l;
-          } else {
-            run_sum[row][r] += expf(l - m);
-          }
+          internal::FoldLogit(logits[r], run_max[row][r], run_sum[row][r]);
         }
       }
     }
     __syncthreads();
-    for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
-      float m = -INFINITY;
-      for (int t = 0; t < kRowsAtOnce; ++t) m = fmaxf(m, run_max[t][r]);
-      float sum = 0.0f;
-      for (int t = 0; t < kRowsAtOnce; ++t) sum += Rescaled(run_sum[t][r], run_max[t][r], m);
-      p.part_max[stats_at + r0 + r] = m;
-      p.part_sum[stats_at + r0 + r] = sum;
-    }
+    internal::MergeRowStats<kThreads, kRowsAtOnce>(
+        run_max, run_sum, rows, p.part_max + stats_at + r0, p.part_sum + stats_at + r0);
     __syncthreads();  // q and the running statistics are refilled next chunk
   }
 }

@@ -1,7 +1,7 @@
 // Pieces shared by the KV policy kernels (kv_scoring.cu, kv_policy.cu): the
-// logits of one cached key against a chunk of query rows, the merging of
-// partial softmax denominators, and the choice of the candidate evicted
-// first.
+// logits of one cached key against a chunk of query rows, the running
+// softmax statistics per thread row and their merging into partial softmax
+// denominators, and the choice of the candidate evicted first.
 #ifndef MORPHSERVE_KERNELS_CUDA_KV_SCORING_INTERNAL_CUH_
 #define MORPHSERVE_KERNELS_CUDA_KV_SCORING_INTERNAL_CUH_
 
@@ -49,6 +49,52 @@ __device__ __forceinline__ void ChunkLogits(const __nv_bfloat16* key, int dim0, 
 // 0 for a part with no entry (sum 0, local_max -inf).
 __device__ __forceinline__ float Rescaled(float sum, float local_max, float global_max) {
   return sum > 0.0f ? sum * expf(local_max - global_max) : 0.0f;
+}
+
+// Running softmax statistics of a chunk of query rows, one set per thread
+// row: run_max[t][r] the largest logit thread row t has seen for row r,
+// run_sum[t][r] its exp sum relative to that maximum.
+template <int kRowsAtOnce>
+using RowStats = float[kRowsAtOnce][kScoringRowChunk];
+
+// Sets every thread row's statistics to the empty ones (max -inf, sum 0);
+// the block's kThreads threads share the work.
+template <int kThreads, int kRowsAtOnce>
+__device__ __forceinline__ void ResetRowStats(RowStats<kRowsAtOnce>& run_max,
+                                              RowStats<kRowsAtOnce>& run_sum) {
+  for (int i = static_cast<int>(threadIdx.x); i < kRowsAtOnce * kScoringRowChunk; i += kThreads) {
+    run_max[i / kScoringRowChunk][i % kScoringRowChunk] = -INFINITY;
+    run_sum[i / kScoringRowChunk][i % kScoringRowChunk] = 0.0f;
+  }
+}
+
+// Folds `logit` into a running maximum and the exp sum relative to it
+// (online softmax): a new maximum rescales the sum.
+__device__ __forceinline__ void FoldLogit(float logit, float& run_max, float& run_sum) {
+  const float m = run_max;
+  if (logit > m) {
+    run_sum = run_sum * expf(m - logit) + 1.0f;
+    run_max = logit;
+  } else {
+    run_sum += expf(logit - m);
+  }
+}
+
+// Merges the thread rows' statistics of the chunk's first `rows` rows into
+// part_max[r] (the largest logit) and part_sum[r] (the exp sum relative to
+// it); the block's kThreads threads share the rows.
+template <int kThreads, int kRowsAtOnce>
+__device__ __forceinline__ void MergeRowStats(const RowStats<kRowsAtOnce>& run_max,
+                                              const RowStats<kRowsAtOnce>& run_sum, int rows,
+                                              float* part_max, float* part_sum) {
+  for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
+    float m = -INFINITY;
+    for (int t = 0; t < kRowsAtOnce; ++t) m = fmaxf(m, run_max[t][r]);
+    float sum = 0.0f;
+    for (int t = 0; t < kRowsAtOnce; ++t) sum += Rescaled(run_sum[t][r], run_max[t][r], m);
+    part_max[r] = m;
+    part_sum[r] = sum;
+  }
 }
 
 // A candidate's score and position, and its slot; slot -1 for none.
