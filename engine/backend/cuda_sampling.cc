@@ -1,0 +1,129 @@
+// CudaBackend's sampling: each request's seed, draw counter and penalty
+// history, and the step that chooses tokens on the device.
+#include <algorithm>
+#include <vector>
+
+#include "common/status.h"
+#include "common/strings.h"
+#include "engine/backend/cuda_backend.h"
+#include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/sampling.h"
+
+namespace morphserve::engine {
+
+namespace kc = kernels::cuda;
+
+absl::Status CudaBackend::AddRequest(int64_t id, const SamplingParams& params,
+                                     std::span<const int32_t> prompt, int64_t max_new_tokens) {
+  if (requests_.contains(id)) return absl::InvalidArgumentError(StrCat("request ", id, " exists"));
+  RequestSampling r;
+  r.params = params;
+  r.seed = params.seed.has_value() ? *params.seed : seed_rng_();
+  const bool penalized = params.repetition_penalty != 1.0f || params.presence_penalty != 0.0f ||
+                         params.frequency_penalty != 0.0f;
+  if (penalized) {
+    // The distinct prompt tokens, then room for every token it may draw.
+    std::vector<kc::PenaltyEntry> entries;
+    for (int32_t t : prompt) {
+      if (r.listed.insert(t).second) entries.push_back({t, 0});
+    }
+    r.penalty_size = static_cast<int32_t>(entries.size());
+    r.penalty_capacity = static_cast<int32_t>(entries.size() + std::max<int64_t>(max_new_tokens, 1));
+    ASSIGN_OR_RETURN(r.penalty_offset, penalties_.Allocate(r.penalty_capacity));
+    RETURN_IF_CUDA_ERROR(cudaMemcpy(penalties_.as<kc::PenaltyEntry>() + r.penalty_offset, entries.data(),
+                                    entries.size() * sizeof(kc::PenaltyEntry),
+                                    cudaMemcpyHostToDevice));
+  }
+  requests_.emplace(id, std::move(r));
+  return absl::OkStatus();
+}
+
+void CudaBackend::RemoveRequest(int64_t id) {
+  const auto it = requests_.find(id);
+  if (it == requests_.end()) return;
+  if (it->second.penalty_capacity > 0) {
+    penalties_.Free(it->second.penalty_offset, it->second.penalty_capacity);
+  }
+  requests_.erase(it);
+}
+
+absl::Status CudaBackend::ForwardAndSample(const ForwardBatch& batch,
+                                           std::span<const SampleRow> rows,
+                                           std::vector<SampleResult>* out) {
+  RETURN_IF_ERROR(CheckSampleArgs(batch, rows));
+  if (rows.empty()) return absl::OkStatus();
+  const int64_t n_rows = static_cast<int64_t>(rows.size());
+  // Every row's parameters; a row that draws nothing is greedy, without
+  // penalties or log-probabilities, and its token is ignored.
+  auto* params = static_cast<kc::SamplingRowParams*>(sample_host_.get());
+  bool any_top = false;
+  for (int64_t i = 0; i < n_rows; ++i) {
+    params[i] = kc::SamplingRowParams{};
+    params[i].temperature = 0.0f;
+    if (!rows[i].sample) continue;
+    const auto it = requests_.find(rows[i].id);
+    if (it == requests_.end()) {
+      return absl::InternalError(StrCat("request ", rows[i].id, " was never added"));
+    }
+    const RequestSampling& r = it->second;
+    params[i] = kc::ToSamplingRow(r.params, r.seed, r.step);
+    params[i].penalty_offset = r.penalty_offset;
+    params[i].penalty_size = r.penalty_size;
+    params[i].penalty_capacity = r.penalty_capacity;
+    any_top = any_top || r.params.logprobs > 0;
+  }
+  RETURN_IF_ERROR(QueueLogits(batch));
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sample_rows_.data(), params,
+                                       n_rows * sizeof(kc::SamplingRowParams),
+                                       cudaMemcpyHostToDevice, stream_));
+  kc::SamplingArgs args;
+  args.logits = logits_.as<float>();
+  args.logits_stride = model_.config.vocab_size;
+  args.num_rows = n_rows;
+  args.vocab = model_.config.vocab_size;
+  args.rows = sample_rows_.as<kc::SamplingRowParams>();
+  args.penalty_entries = penalties_.as<kc::PenaltyEntry>();
+  args.record_tokens = true;
+  args.tokens = sampled_.as<int32_t>();
+  args.logprobs = sampled_.as<float>() + capacity_rows_;
+  if (any_top) {
+    args.top_ids = sampled_.as<int32_t>() + 2 * capacity_rows_;
+    args.top_logprobs = sampled_.as<float>() + (2 + kMaxLogprobs) * capacity_rows_;
+    args.top_stride = kMaxLogprobs;
+  }
+  RETURN_IF_ERROR(kc::SampleTokens(args, stream_));
+  // Tokens, their log-probabilities and (when asked) the top lists come
+  // back in one copy; the layout is [tokens][logprobs][top ids][top logprobs].
+  const int64_t words = any_top ? (2 + 2 * kMaxLogprobs) * capacity_rows_ : 2 * capacity_rows_;
+  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sampled_host_.get(), sampled_.data(),
+                                       words * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+  RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
+  EndStep(batch);
+  const auto* tokens = static_cast<const int32_t*>(sampled_host_.get());
+  const auto* logprobs = reinterpret_cast<const float*>(tokens + capacity_rows_);
+  const int32_t* top_ids = tokens + 2 * capacity_rows_;
+  const auto* top_logprobs =
+      reinterpret_cast<const float*>(tokens + (2 + kMaxLogprobs) * capacity_rows_);
+  out->resize(rows.size());
+  for (int64_t i = 0; i < n_rows; ++i) {
+    if (!rows[i].sample) continue;
+    RequestSampling& r = requests_.at(rows[i].id);
+    SampleResult& result = (*out)[i];
+    result.token = tokens[i];
+    result.logprob = logprobs[i];
+    result.top.clear();
+    const int64_t top = std::min<int64_t>(r.params.logprobs, model_.config.vocab_size);
+    for (int64_t k = 0; k < top; ++k) {
+      result.top.push_back({top_ids[i * kMaxLogprobs + k], top_logprobs[i * kMaxLogprobs + k]});
+    }
+    // Mirror what the kernel recorded in the request's list.
+    ++r.step;
+    if (r.penalty_capacity > 0 && r.penalty_size < r.penalty_capacity &&
+        r.listed.insert(result.token).second) {
+      ++r.penalty_size;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace morphserve::engine
