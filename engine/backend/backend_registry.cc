@@ -74,15 +74,18 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> CreateBackend(const Model& model
     if (cuda.num_blocks == 0 && options.kv_cache_bytes > 0) {
       ASSIGN_OR_RETURN(cuda.num_blocks, blocks_in(options.kv_cache_bytes, 2));
     }
-    absl::StatusOr<std::unique_ptr<CudaBackend>> gpu = CudaBackend::Create(model, cuda);
-    absl::Status fit = gpu.status();
+    // The policies are checked before the weights go up, so that `auto`
+    // falls back without uploading them for nothing.
+    absl::Status fit = absl::OkStatus();
     for (const KvPolicyConfig& policy : options.policies) {
-      if (fit.ok()) fit = (*gpu)->SupportsPolicy(policy);
+      if (fit.ok()) fit = CudaBackend::RunsPolicy(policy);
     }
-    if (fit.ok() || options.device == "cuda") {
-      if (!gpu.ok()) return gpu.status();
-      return std::unique_ptr<ForwardBackend>(std::move(gpu).value());
+    if (fit.ok()) {
+      absl::StatusOr<std::unique_ptr<CudaBackend>> gpu = CudaBackend::Create(model, cuda);
+      if (gpu.ok()) return std::unique_ptr<ForwardBackend>(std::move(gpu).value());
+      fit = gpu.status();
     }
+    if (options.device == "cuda") return fit;
     spdlog::warn("--device auto: running on the CPU ({})", ToStd(fit.message()));
     BackendOptions cpu = options;
     cpu.device = "cpu";

@@ -60,7 +60,11 @@ class CudaBackend final : public ForwardBackend {
 
   std::string_view device() const override { return "cuda"; }
   const KvCacheShape& cache_shape() const override { return shape_; }
-  absl::Status SupportsPolicy(const KvPolicyConfig& policy) const override;
+  absl::Status SupportsPolicy(const KvPolicyConfig& policy) const override {
+    return RunsPolicy(policy);
+  }
+  // The same, before a backend exists (so `auto` can decide first).
+  static absl::Status RunsPolicy(const KvPolicyConfig& policy);
   absl::Status Forward(const ForwardBatch& batch, std::vector<float>* logits) override;
   // Sampling runs on the device (kernels/cuda/sampling.h): the seeded draws
   // follow the device's own random stream, so they differ from the CPU's;

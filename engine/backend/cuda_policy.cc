@@ -15,7 +15,7 @@ namespace morphserve::engine {
 
 namespace kc = kernels::cuda;
 
-absl::Status CudaBackend::SupportsPolicy(const KvPolicyConfig& policy) const {
+absl::Status CudaBackend::RunsPolicy(const KvPolicyConfig& policy) {
   if (policy.kind == KvPolicyKind::kFull) return absl::OkStatus();
   if (policy.kind == KvPolicyKind::kMorphKv) {
     if (policy.aggregation == MorphKvAggregation::kGroupLogitSum) return absl::OkStatus();
