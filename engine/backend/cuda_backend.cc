@@ -292,14 +292,17 @@ void CudaBackend::LayOutMetadata(const ForwardBatch& batch, int64_t rows) {
   at.prefill_tables = at.decode_context + num_decode_;
   at.prefill_offsets = at.prefill_tables + num_prefill_ * table_stride_;
   at.prefill_starts = at.prefill_offsets + num_prefill_ + 1;
-  // MorphKV sequences: their kernel arguments, and once compacted the
-  // position of this step's token in the slot it overwrites.
+  // Sequences with device policy work: their kernel arguments, and once a
+  // bounded policy has compacted, the position of this step's token in the
+  // slot it overwrites.
   int64_t policy = 0;
   num_scatter_ = 0;
   for (const SequenceInput& seq : batch.sequences) {
-    if (seq.kv == nullptr || seq.kv->config().kind != KvPolicyKind::kMorphKv) continue;
+    if (!DeviceScored(seq.kv)) continue;
     ++policy;
-    if (seq.kv->compacted()) num_scatter_ += c.num_layers * c.num_kv_heads;
+    if (seq.kv->compacted() && seq.kv->config().bounded()) {
+      num_scatter_ += c.num_layers * c.num_kv_heads;
+    }
   }
   at.policy = at.prefill_starts + num_prefill_;
   at.scatter_offsets = at.policy + policy * kPolicyInts;
@@ -363,32 +366,21 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
     if (!batch.all_logits) {
       m[at.rows + logit_row++] = static_cast<int32_t>(first_row + seq.num_tokens - 1);
     }
-    if (seq.kv == nullptr || seq.kv->config().kind != KvPolicyKind::kMorphKv) continue;
-    const KvPolicyConfig& config = seq.kv->config();
+    if (!DeviceScored(seq.kv)) continue;
     PolicyStep p;
     p.kv = seq.kv;
-    p.state = static_cast<MorphState*>(seq.kv->device_state());
+    p.state = static_cast<PolicyState*>(seq.kv->device_state());
     p.table = table;
     p.meta = static_cast<int64_t>(at.policy) +
              static_cast<int64_t>(policy_steps_.size()) * kPolicyInts;
-    p.n = seq.num_tokens;
-    p.slots = seq.kv->ContextSlots(seq.num_tokens - 1);
-    // As KvSequence::AfterAttention: the next token t keeps t-W .. t.
-    const int64_t tokens = seq.start_position + seq.num_tokens;
-    p.evict = !seq.prompt_pending && tokens >= config.capacity + 1;
-    p.first = p.evict && !seq.kv->compacted();
-    int32_t* ints = m + p.meta;
-    ints[0] = static_cast<int32_t>(first_row);
-    ints[1] = static_cast<int32_t>(first_row + seq.num_tokens);
-    ints[2] = static_cast<int32_t>(seq.start_position);
-    ints[3] = static_cast<int32_t>(p.slots);
-    ints[4] = static_cast<int32_t>(tokens - config.window);
-    ints[5] = static_cast<int32_t>(config.capacity + 1 - config.window);
-    if (seq.kv->compacted()) {
+    m[p.meta] = static_cast<int32_t>(first_row);
+    m[p.meta + 1] = static_cast<int32_t>(first_row + seq.num_tokens);
+    PlanPolicyStep(seq, p, m + p.meta);
+    if (seq.kv->compacted() && seq.kv->config().bounded()) {
       for (int64_t layer = 0; layer < c.num_layers; ++layer) {
         for (int64_t h = 0; h < kv_heads; ++h) {
           m[at.scatter_offsets + scatter] = static_cast<int32_t>(
-              p.state->positions + (layer * kv_heads + h) * (config.capacity + 1) +
+              p.state->positions + (layer * kv_heads + h) * p.state->kept +
               seq.kv->WriteSlot(layer, h, 0));
           m[at.scatter_values + scatter] = static_cast<int32_t>(seq.start_position);
           ++scatter;

@@ -75,6 +75,13 @@ class CudaBackend final : public ForwardBackend {
   absl::Status ForwardAndSample(const ForwardBatch& batch, std::span<const SampleRow> rows,
                                 std::vector<SampleResult>* out) override;
 
+  // For tests and debugging: the original position of the token in each
+  // slot of a compacted sequence, as the device holds them (the host keeps
+  // none): [layer][kv_head][slot] for the slots below num_slots() that the
+  // policy tracks (C + 1; SnapKV's first C, the tokens its selection kept).
+  // Empty while `kv` has not been compacted on this backend.
+  absl::StatusOr<std::vector<int32_t>> DevicePositions(const KvSequence& kv);
+
  private:
   using DeviceBuffer = kernels::cuda::DeviceBuffer;
 
@@ -126,33 +133,54 @@ class CudaBackend final : public ForwardBackend {
     std::map<int64_t, int64_t> free_;  // offset -> length, disjoint, merged
   };
 
-  // A MorphKV sequence's device state, in policy_pool_ (int32 elements):
-  // the query ring [layer][W][q_dim] bf16, the positions of its slots
-  // [layer][kv_head][C + 1] once compacted, and the victims its last
-  // selection chose [layer][kv_head].
-  struct MorphState : KvSequence::DeviceState {
-    MorphState(DevicePool* owner, int64_t start, int64_t length)
+  // A sequence's device policy state in policy_pool_ (int32 elements), for
+  // every policy but `full`; element offsets into the pool:
+  //   ring: the query ring [layer][ring_size][q_dim] bf16 (MorphKV: its W
+  //     queries; SnapKV: its observation window, until it has selected);
+  //   positions: [layer][kv_head][kept], the position of each slot's token
+  //     once compacted (kept: C + 1, SnapKV C);
+  //   victims: [layer][kv_head], the slot each next token overwrites;
+  //   scores: H2O's running scores, f32 [layer][kv_head][max_slots].
+  struct PolicyState : KvSequence::DeviceState {
+    PolicyState(DevicePool* owner, int64_t start, int64_t length)
         : pool(owner), offset(start), size(length) {}
-    ~MorphState() override { pool->Free(offset, size); }
+    ~PolicyState() override { pool->Free(offset, size); }
     DevicePool* pool;
     int64_t offset, size;
-    int64_t ring = 0, positions = 0, victims = 0;  // element offsets in the pool
+    int64_t ring = 0, positions = 0, victims = 0, scores = 0;
+    int64_t ring_size = 0, kept = 0, max_slots = 0;
+    bool snapped = false;  // SnapKV's one selection is behind it
   };
   // A sequence with a device-scored policy in this step.
   struct PolicyStep {
     KvSequence* kv = nullptr;
-    MorphState* state = nullptr;
+    PolicyState* state = nullptr;
     int64_t table = 0;  // its block table in the metadata
     int64_t meta = 0;   // its kPolicyInts in the metadata
     int64_t n = 0;      // its tokens this step
     int64_t slots = 0;  // slots held once the step's tokens are written
-    bool evict = false, first = false;
+    bool push = false;   // the step's queries join the ring
+    bool evict = false;  // a bounded policy picks the next token's victims
+    bool first = false;  // ... for the first time: it compacts
+    bool snap = false;   // SnapKV's selection at the end of the prompt
   };
   // Per policy sequence and step: query_start (2), the first position, the
-  // slots held, the first recent position, the candidates to keep.
-  static constexpr int64_t kPolicyInts = 6;
+  // slots held, the first recent position, the candidates to keep, the
+  // tokens written once the step is done.
+  static constexpr int64_t kPolicyInts = 7;
+  // Whether `kv` (null for none) has device policy work: any policy but full.
+  static bool DeviceScored(const KvSequence* kv);
   absl::Status EnsurePolicyState(const ForwardBatch& batch);
+  // Fills a policy step's flags and metadata ints (`ints`), as
+  // KvSequence::AfterAttention decides them on the CPU.
+  static void PlanPolicyStep(const SequenceInput& seq, PolicyStep& p, int32_t* ints);
   absl::Status RunPolicies(int64_t layer, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
+  // The first selection of `p` (bounded policies after a long prompt,
+  // SnapKV once): keep lists from `scores` (null: by position), then the
+  // kept tokens gathered into the lowest slots.
+  absl::Status SelectAndCompact(const PolicyStep& p, int64_t layer, const float* scores,
+                                int64_t scores_stride, float* moved_scores,
+                                __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
   absl::Status GrowScratch(DeviceBuffer& buffer, size_t bytes);
   // Sizes the policies' scratch for the step (before anything is queued).
   absl::Status ReservePolicyScratch();

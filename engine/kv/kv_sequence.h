@@ -61,6 +61,8 @@ class KvSequence {
   int64_t num_tokens() const { return num_tokens_; }
   // The block table must cover slots [0, num_slots()).
   int64_t num_slots() const { return num_slots_; }
+  // The most slots the request may ever use (its reservation).
+  int64_t max_slots() const { return max_slots_; }
   // Slots the block table must cover for a step of `n` tokens.
   int64_t SlotsNeeded(int64_t n) const;
   // Whether a step of `n` tokens is allowed: several tokens at once only

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -20,6 +21,7 @@
 #include "common/sampling_params.h"
 #include "engine/backend/backend_registry.h"
 #include "engine/backend/cpu_backend.h"
+#include "engine/backend/cuda_backend.h"
 #include "engine/backend/forward_backend.h"
 #include "engine/kv/kv_sequence.h"
 #include "engine/model/model.h"
@@ -37,7 +39,30 @@ struct Generation {
   // Per sequence, the slot each (layer, KV head) overwrites next, after
   // every step that chose one.
   std::vector<std::vector<int64_t>> victims;
+  // Per sequence at the end, once its policy has compacted it: the position
+  // of the token in each slot the policy tracks, [layer][kv_head][slot].
+  std::vector<std::vector<int32_t>> positions;
 };
+
+// Where a backend keeps the positions of a compacted sequence's slots.
+using PositionsOf = std::function<std::vector<int32_t>(const KvSequence&)>;
+
+// The CPU's: KvSequence tracks them itself.
+std::vector<int32_t> HostPositions(const KvSequence& kv, const ModelConfig& c) {
+  if (!kv.compacted()) return {};
+  const KvPolicyConfig& p = kv.config();
+  const int64_t kept = p.kind == KvPolicyKind::kSnapKv ? p.capacity : p.capacity + 1;
+  const int64_t slots = std::min(kv.num_slots(), kept);
+  std::vector<int32_t> out;
+  for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+    for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+      for (int64_t j = 0; j < slots; ++j) {
+        out.push_back(static_cast<int32_t>(kv.SlotPosition(layer, h, j)));
+      }
+    }
+  }
+  return out;
+}
 
 // Runs `prompts` together on `backend`: prefill in chunks of `chunk` tokens
 // (every sequence in the same steps, the shorter ones dropping out), then
@@ -45,7 +70,8 @@ struct Generation {
 // shuffled pool.
 Generation Generate(ForwardBackend& backend, const Model& model,
                     const std::vector<std::vector<int32_t>>& prompts, int64_t chunk,
-                    int64_t steps, absl::Status* error, const KvPolicyConfig& policy = {}) {
+                    int64_t steps, absl::Status* error, const KvPolicyConfig& policy,
+                    const PositionsOf& positions_of) {
   const KvCacheShape& shape = backend.cache_shape();
   const int64_t n = static_cast<int64_t>(prompts.size());
   int64_t longest = 0;
@@ -112,6 +138,7 @@ Generation Generate(ForwardBackend& backend, const Model& model,
   };
   for (int64_t begin = 0; begin < longest && error->ok(); begin += chunk) step(true, begin);
   for (int64_t i = 1; i < steps && error->ok(); ++i) step(false, 0);
+  for (int64_t s = 0; s < n && error->ok(); ++s) out.positions.push_back(positions_of(*kv[s]));
   return out;
 }
 
@@ -204,23 +231,54 @@ class CudaBackendTest : public testing::CudaTest {
     EXPECT_EQ((*gpu)->cache_shape().num_blocks, blocks);
     EXPECT_EQ((*gpu)->cache_shape().element_bytes, 2);
     absl::Status cpu_error, gpu_error;
-    const Generation want = Generate(cpu, model, prompts, chunk, steps, &cpu_error, policy);
-    const Generation got = Generate(**gpu, model, prompts, chunk, steps, &gpu_error, policy);
+    auto* cuda = dynamic_cast<CudaBackend*>(gpu->get());
+    ASSERT_NE(cuda, nullptr);
+    const PositionsOf device_positions = [&](const KvSequence& kv) {
+      absl::StatusOr<std::vector<int32_t>> held = cuda->DevicePositions(kv);
+      EXPECT_TRUE(held.ok()) << held.status();
+      return held.ok() ? *held : std::vector<int32_t>();
+    };
+    const Generation want =
+        Generate(cpu, model, prompts, chunk, steps, &cpu_error, policy,
+                 [&](const KvSequence& kv) { return HostPositions(kv, model.config); });
+    const Generation got =
+        Generate(**gpu, model, prompts, chunk, steps, &gpu_error, policy, device_positions);
     ASSERT_TRUE(cpu_error.ok()) << cpu_error;
     ASSERT_TRUE(gpu_error.ok()) << gpu_error;
     ExpectSameGreedy(want, got, rel_tol);
-    // The same tokens go: the victims agree, up to a near-tie that bf16
-    // parts differently (after which the caches differ, so the comparison
-    // stops there). A bug in the selection shows from its first use.
+    const int64_t heads = model.config.num_layers * model.config.num_kv_heads;
     for (size_t s = 0; s < prompts.size(); ++s) {
-      ASSERT_EQ(want.victims[s].size(), got.victims[s].size()) << "sequence " << s;
+      SCOPED_TRACE(::testing::Message() << "sequence " << s);
+      // The same tokens go: the victims agree, up to a near-tie that bf16
+      // parts differently (after which the caches differ, so the comparison
+      // stops there). A bug in the selection shows from its first use.
+      ASSERT_EQ(want.victims[s].size(), got.victims[s].size());
       size_t agree = 0;
       while (agree < want.victims[s].size() && want.victims[s][agree] == got.victims[s][agree]) {
         ++agree;
       }
       EXPECT_GE(4 * agree, want.victims[s].size())
-          << "sequence " << s << ": the victims part at choice " << agree << " of "
-          << want.victims[s].size();
+          << "the victims part at choice " << agree << " of " << want.victims[s].size();
+      // Both compacted at the same step, and where every choice agreed they
+      // hold the same tokens in the same slots. SnapKV's single selection
+      // may part on a near-tie in a few (layer, KV head) lists, no more.
+      ASSERT_EQ(want.positions[s].size(), got.positions[s].size());
+      if (want.positions[s].empty()) continue;
+      if (!want.victims[s].empty()) {
+        if (agree == want.victims[s].size()) {
+          EXPECT_EQ(want.positions[s], got.positions[s]);
+        }
+        continue;
+      }
+      const size_t per_head = want.positions[s].size() / static_cast<size_t>(heads);
+      int64_t same = 0;
+      for (int64_t h = 0; h < heads; ++h) {
+        same += std::equal(want.positions[s].begin() + h * per_head,
+                           want.positions[s].begin() + (h + 1) * per_head,
+                           got.positions[s].begin() + h * per_head);
+      }
+      EXPECT_GE(4 * same, 3 * heads) << "kept tokens differ in " << heads - same << " of "
+                                     << heads << " (layer, KV head) lists";
     }
   }
 
@@ -245,22 +303,58 @@ TEST_F(CudaBackendTest, Qwen2BiasesAndGroupsOfThreeMatchCpu) {
   CompareOn(*model, RandomPrompts({5, 33}, spec.vocab, 2), 64, 10, 16, 0.03);
 }
 
-// MorphKV scored on the device: the first selection after a long prompt and
-// after a short one grows past C+1 while decoding, then one eviction per
-// step, with both fusions.
+// Every dropping policy scored on the device, on prompts of 40 (selection
+// right after the prompt, which prefills in chunks of 16) and 7 (the cache
+// fills while decoding), then one eviction per step for the bounded ones.
+KvPolicyConfig Policy(KvPolicyKind kind, int64_t window, int64_t capacity) {
+  KvPolicyConfig policy;
+  policy.kind = kind;
+  policy.window = window;
+  policy.capacity = capacity;
+  return policy;
+}
+
 TEST_F(CudaBackendTest, MorphKvOnTheDeviceMatchesTheCpu) {
   const testing::TinySpec spec = Shape(4, 2, 256, 300);
   const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
   ASSERT_NE(model, nullptr);
   for (KvFusion fusion : {KvFusion::kSum, KvFusion::kMax}) {
-    KvPolicyConfig policy;
-    policy.kind = KvPolicyKind::kMorphKv;
-    policy.window = 6;
-    policy.capacity = 24;
+    KvPolicyConfig policy = Policy(KvPolicyKind::kMorphKv, 6, 24);
     policy.fusion = fusion;
     SCOPED_TRACE(fusion == KvFusion::kSum ? "sum" : "max");
     CompareOn(*model, RandomPrompts({40, 7}, spec.vocab, 8), 16, 30, 8, 0.03, policy);
   }
+}
+
+// H2O's running scores accumulate over the prompt's chunks (causal rows)
+// and every decode, and restart in the slot a token overwrites.
+TEST_F(CudaBackendTest, H2oOnTheDeviceMatchesTheCpu) {
+  const testing::TinySpec spec = Shape(4, 2, 256, 300);
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  CompareOn(*model, RandomPrompts({40, 7}, spec.vocab, 12), 16, 30, 8, 0.03,
+            Policy(KvPolicyKind::kH2o, 6, 24));
+}
+
+// Streaming keeps its sinks and drops the oldest token after them.
+TEST_F(CudaBackendTest, StreamingOnTheDeviceMatchesTheCpu) {
+  const testing::TinySpec spec = Shape(4, 2, 256, 300);
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  KvPolicyConfig policy = Policy(KvPolicyKind::kStreaming, 6, 24);
+  policy.sinks = 3;
+  CompareOn(*model, RandomPrompts({40, 7}, spec.vocab, 10), 16, 30, 8, 0.03, policy);
+}
+
+// SnapKV selects once at the end of the longer prompt (its last chunk is
+// shorter than the observation window, so the ring spans two steps) and
+// grows afterwards; the short prompt is never cut.
+TEST_F(CudaBackendTest, SnapKvOnTheDeviceMatchesTheCpu) {
+  const testing::TinySpec spec = Shape(6, 2, 256, 300);
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  CompareOn(*model, RandomPrompts({70, 7}, spec.vocab, 11), 24, 12, 8, 0.03,
+            Policy(KvPolicyKind::kSnapKv, 6, 44));
 }
 
 TEST_F(CudaBackendTest, FixtureModelGreedyMatchesCpu) {
@@ -270,8 +364,16 @@ TEST_F(CudaBackendTest, FixtureModelGreedyMatchesCpu) {
   if (!std::filesystem::exists(path)) GTEST_SKIP() << "no " << path;
   absl::StatusOr<std::unique_ptr<Model>> model = LoadModel({.path = path});
   ASSERT_TRUE(model.ok()) << model.status();
-  // Q4_1 weights become bf16 on the GPU; the CPU reads them exactly.
-  CompareOn(**model, RandomPrompts({40, 9}, 32000, 3), 32, 16, 16, 0.05);
+  // Q4_1 weights become bf16 on the GPU; the CPU reads them exactly. Every
+  // policy cuts the 40-token prompt and evicts while decoding.
+  KvPolicyConfig streaming = Policy(KvPolicyKind::kStreaming, 8, 32);
+  streaming.sinks = 4;
+  for (const KvPolicyConfig& policy :
+       {KvPolicyConfig{}, Policy(KvPolicyKind::kMorphKv, 8, 32), Policy(KvPolicyKind::kH2o, 8, 32),
+        streaming, Policy(KvPolicyKind::kSnapKv, 8, 36)}) {
+    SCOPED_TRACE(KvPolicyName(policy.kind));
+    CompareOn(**model, RandomPrompts({40, 9}, 32000, 3), 32, 16, 16, 0.05, policy);
+  }
 }
 
 // Device sampling against the CPU's Sampler, teacher-forced with the device's
