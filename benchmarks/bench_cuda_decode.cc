@@ -1,16 +1,27 @@
 // Decode step time of the CUDA backend against batch size, and the share of
 // the GPU's memory bandwidth it reaches:
 //   bench_cuda_decode [--model DIR] [--context 1024] [--steps 20]
-//                     [--batch-sizes 1,2,4,...] [--json PATH]
+//                     [--batch-sizes 1,2,4,...] [--kv-policy full|morphkv]
+//                     [--kv-window 32] [--cuda-graph-max-batch 64] [--json PATH]
 // The model defaults to a Llama-3.1-8B-shaped config with dummy bf16
 // weights (benchmarks/configs/llama-3.1-8b). Each batch size runs B
 // sequences that each attend to `context` cached tokens plus the ones the
 // run adds; the step time is the median over `steps` decode steps (the
 // whole ForwardAndSample call: metadata upload, every kernel, greedy
-// sampling on the device, the tokens back to the host). Bytes per step = every weight matrix once (bf16; the embedding
-// gather aside) + the K and V every sequence reads. The reference
-// bandwidth is a device-to-device cudaMemcpy of 1 GiB (read + write
-// counted), the best of 10.
+// sampling on the device, the tokens back to the host). Bytes per step =
+// every weight matrix once (bf16; the embedding gather aside) + the K and V
+// every sequence attends to. The reference bandwidth is a device-to-device
+// cudaMemcpy of 1 GiB (read + write counted), the best of 10.
+//
+// Batch sizes up to --cuda-graph-max-batch are timed twice: replaying CUDA
+// graphs, and launching every kernel (the "eager" column), which shows what
+// the graphs save.
+//
+// With --kv-policy morphkv (budget C = context, window W), each sequence is
+// first prefilled with `context` tokens, so that every timed step attends to
+// C+1 resident tokens, scores them against the window and evicts one per
+// (layer, KV head): against `full` at the same context, the step time
+// difference is the cost of MorphKV's scoring.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -19,13 +30,19 @@
 #include <fstream>
 #include <memory>
 #include <numeric>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/kv_policy.h"
+#include "common/status.h"
 #include "common/sampling_params.h"
 #include "engine/backend/backend_registry.h"
+#include "engine/backend/cuda_backend.h"
+#include "engine/kv/kv_sequence.h"
 #include "engine/model/model.h"
 #include "nlohmann/json.hpp"
 #include "server/cli/arg_parser.h"
@@ -34,6 +51,9 @@ namespace morphserve {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// Prompt tokens per prefill step (morphkv).
+constexpr int64_t kPrefillChunk = 1024;
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -76,7 +96,8 @@ double WeightBytes(const engine::ModelConfig& c) {
 int Main(int argc, char** argv) {
   std::string model_path = MORPHSERVE_SOURCE_DIR "/benchmarks/configs/llama-3.1-8b";
   std::string load_format = "dummy", batch_sizes = "1,2,4,8,16,32,64,128,256", json_path;
-  int64_t context = 1024, steps = 20, block_size = 16;
+  std::string policy_name = "full";
+  int64_t context = 1024, steps = 20, block_size = 16, window = 32, graph_max_batch = 64;
   cli::ArgParser p("bench_cuda_decode [options]",
                    "Decode step time of the CUDA backend against batch size.");
   p.AddString("model", &model_path, "model file or directory (default: Llama-3.1-8B shape)");
@@ -85,6 +106,10 @@ int Main(int argc, char** argv) {
   p.AddInt("steps", &steps, "timed decode steps per batch size (median reported)");
   p.AddString("batch-sizes", &batch_sizes, "comma-separated batch sizes");
   p.AddInt("block-size", &block_size, "KV block size");
+  p.AddString("kv-policy", &policy_name, "full, or morphkv (budget C = --context)");
+  p.AddInt("kv-window", &window, "morphkv: the window W");
+  p.AddInt("cuda-graph-max-batch", &graph_max_batch,
+           "batch sizes up to this replay CUDA graphs (and are also timed without)");
   p.AddString("json", &json_path, "also write the results as JSON here");
   if (absl::Status s = p.Parse(argc, argv, 1); !s.ok() || p.help_requested()) {
     std::fputs(p.Help().c_str(), s.ok() ? stdout : stderr);
@@ -99,10 +124,20 @@ int Main(int argc, char** argv) {
     }
     batches.push_back(b);
   }
-  if (batches.empty() || context < 1 || steps < 1) {
+  if (batches.empty() || context < 1 || steps < 1 || graph_max_batch < 0) {
     std::fprintf(stderr, "--batch-sizes, --context and --steps must be positive\n");
     return 2;
   }
+  KvPolicyConfig policy;
+  if (policy_name == "morphkv") {
+    policy.kind = KvPolicyKind::kMorphKv;
+    policy.window = window;
+    policy.capacity = context;
+  } else if (policy_name != "full") {
+    std::fprintf(stderr, "--kv-policy: full or morphkv\n");
+    return 2;
+  }
+  const bool morphkv = policy.kind == KvPolicyKind::kMorphKv;
   const double bandwidth = CopyBandwidth();
   if (bandwidth <= 0) {
     std::fprintf(stderr, "no usable GPU\n");
@@ -123,13 +158,22 @@ int Main(int argc, char** argv) {
     return 1;
   }
   const engine::ModelConfig& c = (*model)->config;
+  if (morphkv) {
+    if (absl::Status st = policy.Validate(c.context_length); !st.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
+      return 2;
+    }
+  }
   const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
-  const int64_t total_steps = steps + 3;
+  const int64_t warmup = 3;
+  const int64_t total_steps = steps + warmup;
   const int64_t per_seq = (context + total_steps + block_size - 1) / block_size;
   engine::BackendOptions options;
   options.device = "cuda";
   options.block_size = block_size;
   options.num_blocks = max_batch * per_seq;
+  options.max_step_tokens = std::max<int64_t>(kPrefillChunk, max_batch);
+  options.cuda_graph_max_batch = graph_max_batch;
   std::fprintf(stderr, "uploading weights, %lld KV blocks ...\n",
                static_cast<long long>(options.num_blocks));
   auto backend = engine::CreateBackend(**model, options);
@@ -137,60 +181,99 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(backend.status().message()).c_str());
     return 1;
   }
+  auto* cuda = dynamic_cast<engine::CudaBackend*>(backend->get());
   const double weight_bytes = WeightBytes(c);
   const double kv_bytes_per_token = 2.0 * 2.0 * c.num_layers * c.kv_dim();
-  std::printf("| batch | step ms | tokens/s | GB read per step | GB/s | share of copy bandwidth |\n"
-              "|---:|---:|---:|---:|---:|---:|\n");
-  nlohmann::json results = nlohmann::json::array();
-  for (int64_t batch : batches) {
-    // Sequences without a KvSequence: positions are slots, so each starts
-    // `context` tokens in without a prefill (the cache's contents do not
-    // change the work).
+
+  // The median decode step of `batch` sequences, with graphs for batches up
+  // to `graphs`; or the error.
+  const auto time_batch = [&](int64_t batch, int64_t graphs) -> absl::StatusOr<double> {
+    if (cuda != nullptr) cuda->set_graph_max_batch(graphs);
     std::vector<std::vector<int32_t>> tables(batch);
+    std::vector<std::unique_ptr<engine::KvSequence>> kv(batch);
+    std::vector<int32_t> tokens(batch);
     for (int64_t s = 0; s < batch; ++s) {
       tables[s].resize(per_seq);
       std::iota(tables[s].begin(), tables[s].end(), static_cast<int32_t>(s * per_seq));
+      tokens[s] = static_cast<int32_t>((s * 7919) % c.vocab_size);
     }
-    std::vector<int32_t> tokens(batch);
-    for (int64_t s = 0; s < batch; ++s) tokens[s] = static_cast<int32_t>((s * 7919) % c.vocab_size);
+    if (morphkv) {
+      // Prefill `context` tokens per sequence, in chunks, one at a time.
+      std::vector<int32_t> prompt(kPrefillChunk);
+      std::vector<float> logits;
+      for (int64_t s = 0; s < batch; ++s) {
+        kv[s] = std::make_unique<engine::KvSequence>(policy, (*backend)->cache_shape(),
+                                                     c.num_heads, per_seq * block_size);
+        for (int64_t begin = 0; begin < context; begin += kPrefillChunk) {
+          const int64_t n = std::min(kPrefillChunk, context - begin);
+          for (int64_t i = 0; i < n; ++i) {
+            prompt[i] = static_cast<int32_t>((s * 31 + begin + i) % c.vocab_size);
+          }
+          const std::vector<engine::SequenceInput> chunk = {
+              {0, n, begin, tables[s], kv[s].get(), begin + n < context}};
+          RETURN_IF_ERROR((*backend)->Forward(
+              {std::span<const int32_t>(prompt.data(), n), chunk, false}, &logits));
+        }
+      }
+    }
     std::vector<engine::SequenceInput> inputs(batch);
     std::vector<engine::SampleRow> rows(batch);
     SamplingParams greedy;
     greedy.temperature = 0.0f;
     for (int64_t s = 0; s < batch; ++s) {
       rows[s] = {s, true};
-      if (absl::Status st = (*backend)->AddRequest(s, greedy, {&tokens[s], 1}, total_steps);
-          !st.ok()) {
-        std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
-        return 1;
-      }
+      RETURN_IF_ERROR((*backend)->AddRequest(s, greedy, {&tokens[s], 1}, total_steps));
     }
     std::vector<engine::SampleResult> sampled;
     std::vector<double> times;
-    for (int64_t step = 0; step < total_steps; ++step) {
-      for (int64_t s = 0; s < batch; ++s) inputs[s] = {s, 1, context + step, tables[s], nullptr, false};
-      const Clock::time_point t0 = Clock::now();
-      const absl::Status st = (*backend)->ForwardAndSample({tokens, inputs}, rows, &sampled);
-      const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-      if (!st.ok()) {
-        std::fprintf(stderr, "batch %lld: %s\n", static_cast<long long>(batch),
-                     std::string(st.message()).c_str());
-        return 1;
+    absl::Status status = absl::OkStatus();
+    for (int64_t step = 0; step < total_steps && status.ok(); ++step) {
+      for (int64_t s = 0; s < batch; ++s) {
+        // Without a KvSequence, positions are slots: each sequence starts
+        // `context` tokens in without a prefill (the cache's contents do
+        // not change the work).
+        inputs[s] = morphkv ? engine::SequenceInput{s, 1, kv[s]->num_tokens(), tables[s],
+                                                    kv[s].get(), false}
+                            : engine::SequenceInput{s, 1, context + step, tables[s], nullptr,
+                                                    false};
       }
-      if (step >= 3) times.push_back(seconds);
-      for (int64_t s = 0; s < batch; ++s) tokens[s] = sampled[s].token;
+      const Clock::time_point t0 = Clock::now();
+      status = (*backend)->ForwardAndSample({tokens, inputs}, rows, &sampled);
+      const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+      if (step >= warmup) times.push_back(seconds);
+      for (int64_t s = 0; s < batch && status.ok(); ++s) tokens[s] = sampled[s].token;
     }
     for (int64_t s = 0; s < batch; ++s) (*backend)->RemoveRequest(s);
-    const double step_s = Median(times);
-    const double mean_context = static_cast<double>(context) + 3 + (steps - 1) / 2.0;
-    const double bytes = weight_bytes + batch * mean_context * kv_bytes_per_token;
-    const double share = bytes / step_s / bandwidth;
-    std::printf("| %lld | %.3f | %.1f | %.2f | %.0f | %.1f%% |\n", static_cast<long long>(batch),
-                step_s * 1e3, batch / step_s, bytes * 1e-9, bytes / step_s * 1e-9, 100 * share);
+    RETURN_IF_ERROR(status);
+    return Median(times);
+  };
+
+  std::printf("| batch | step ms | eager step ms | tokens/s | GB read per step | GB/s | "
+              "share of copy bandwidth |\n|---:|---:|---:|---:|---:|---:|---:|\n");
+  nlohmann::json results = nlohmann::json::array();
+  for (int64_t batch : batches) {
+    absl::StatusOr<double> step_s = time_batch(batch, graph_max_batch);
+    absl::StatusOr<double> eager_s = batch <= graph_max_batch ? time_batch(batch, 0) : step_s;
+    if (!step_s.ok() || !eager_s.ok()) {
+      const absl::Status& st = step_s.ok() ? eager_s.status() : step_s.status();
+      std::fprintf(stderr, "batch %lld: %s\n", static_cast<long long>(batch),
+                   std::string(st.message()).c_str());
+      return 1;
+    }
+    // Tokens each sequence attends to, on average over the timed steps.
+    const double attended = morphkv ? static_cast<double>(context) + 1
+                                    : static_cast<double>(context) + warmup + (steps - 1) / 2.0;
+    const double bytes = weight_bytes + batch * attended * kv_bytes_per_token;
+    const double share = bytes / *step_s / bandwidth;
+    std::printf("| %lld | %.3f | %.3f | %.1f | %.2f | %.0f | %.1f%% |\n",
+                static_cast<long long>(batch), *step_s * 1e3, *eager_s * 1e3, batch / *step_s,
+                bytes * 1e-9, bytes / *step_s * 1e-9, 100 * share);
     std::fflush(stdout);
     results.push_back({{"batch", batch},
-                       {"step_ms", step_s * 1e3},
-                       {"tokens_per_s", batch / step_s},
+                       {"step_ms", *step_s * 1e3},
+                       {"eager_step_ms", *eager_s * 1e3},
+                       {"cuda_graphs", batch <= graph_max_batch},
+                       {"tokens_per_s", batch / *step_s},
                        {"bytes_per_step", bytes},
                        {"bandwidth_share", share}});
   }
@@ -199,6 +282,9 @@ int Main(int argc, char** argv) {
   if (!json_path.empty()) {
     nlohmann::json out = {{"model", model_path},
                           {"context", context},
+                          {"kv_policy", policy_name},
+                          {"kv_window", morphkv ? window : 0},
+                          {"cuda_graph_max_batch", graph_max_batch},
                           {"copy_bandwidth_bytes_per_s", bandwidth},
                           {"weight_bytes", weight_bytes},
                           {"results", results}};

@@ -5,7 +5,8 @@
 #      a test that cannot see the GPU fails instead of skipping;
 #   3. runs the rest of the suite;
 #   4. runs the GPU benchmarks: every bench_cuda_* binary the build made,
-#      each with --json DIR/gpu-check/NAME.json;
+#      each with --json DIR/gpu-check/NAME.json, and bench_cuda_decode once
+#      more under MorphKV (the cost of its scoring against `full`);
 #   5. prints a summary table (markdown).
 #
 #   scripts/gpu-check.sh [--build-dir DIR] [-- extra cmake configure args]
@@ -104,6 +105,15 @@ if ((${#benches[@]})); then
       bench_status="failed ($name)"
     fi
   done
+  decode="$build/bin/bench_cuda_decode"
+  if [[ -x "$decode" ]]; then
+    echo "[gpu-check] bench_cuda_decode --kv-policy morphkv" >&2
+    if ! "$decode" --kv-policy morphkv --kv-window 32 --batch-sizes 1,8,32,128 \
+        --json "$logs/bench_cuda_decode_morphkv.json" |
+        tee "$logs/bench_cuda_decode_morphkv.md" >&2; then
+      bench_status="failed (bench_cuda_decode --kv-policy morphkv)"
+    fi
+  fi
   bench_status="$bench_status: ${#benches[@]} run, reports in $logs"
 fi
 

@@ -27,6 +27,7 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(const engine::Mod
   backend.num_blocks = options.num_blocks;
   backend.kv_cache_bytes = options.kv_cache_bytes;
   backend.gpu_memory_utilization = options.gpu_memory_utilization;
+  backend.cuda_graph_max_batch = options.cuda_graph_max_batch;
   backend.policies = options.policies;
   backend.max_step_tokens = options.max_num_batched_tokens;
   backend.max_step_sequences = options.max_num_seqs;

@@ -37,6 +37,7 @@ struct EngineOptions {
   int64_t num_blocks = 0;
   int64_t kv_cache_bytes = 0;
   double gpu_memory_utilization = 0.9;
+  int64_t cuda_graph_max_batch = 64;  // see engine::BackendOptions
   // Policies requests will mostly use: `auto` picks a device that runs them.
   std::vector<KvPolicyConfig> policies = {};
   int64_t block_size = 16;

@@ -70,7 +70,7 @@ absl::StatusOr<std::unique_ptr<ForwardBackend>> CreateBackend(const Model& model
   if (options.device == "cuda" || options.device == "auto") {
     CudaBackendOptions cuda{options.block_size, options.num_blocks,
                             options.gpu_memory_utilization, options.max_step_tokens,
-                            options.max_step_sequences};
+                            options.max_step_sequences, options.cuda_graph_max_batch};
     if (cuda.num_blocks == 0 && options.kv_cache_bytes > 0) {
       ASSIGN_OR_RETURN(cuda.num_blocks, blocks_in(options.kv_cache_bytes, 2));
     }

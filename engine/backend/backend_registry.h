@@ -49,6 +49,9 @@ struct BackendOptions {
   // for it at start-up).
   int64_t max_step_tokens = 2048;
   int64_t max_step_sequences = 256;
+  // CUDA: decode steps of up to this many sequences run as CUDA graphs (0:
+  // never), as CudaBackendOptions::cuda_graph_max_batch.
+  int64_t cuda_graph_max_batch = 64;
   ForwardOptions forward;  // CPU only
 };
 

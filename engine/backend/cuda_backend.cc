@@ -1,6 +1,7 @@
 #include "engine/backend/cuda_backend.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -130,6 +131,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   // The longest context a sequence can reach sets the attention's launch
   // shape and scratch; the pool may cap it further below.
   backend->max_context_ = c.context_length;
+  backend->graph_max_batch_ = std::max<int64_t>(options.cuda_graph_max_batch, 0);
   RETURN_IF_ERROR(backend->Reserve(options.max_step_tokens, options.max_step_sequences));
   RETURN_IF_ERROR(backend->AllocatePool(options));
   return backend;
@@ -210,6 +212,7 @@ absl::Status CudaBackend::AllocatePool(const CudaBackendOptions& options) {
 
 absl::Status CudaBackend::Reserve(int64_t tokens, int64_t rows) {
   const ModelConfig& c = model_.config;
+  if (tokens > capacity_tokens_ || rows > capacity_rows_) BuffersMoved();
   if (tokens > capacity_tokens_) {
     const int64_t qkv_dim = c.q_dim() + 2 * c.kv_dim();
     ASSIGN_OR_RETURN(x_, DeviceBuffer::Allocate(tokens * c.hidden_size * sizeof(float)));
@@ -255,6 +258,7 @@ absl::Status CudaBackend::Reserve(int64_t tokens, int64_t rows) {
 
 absl::Status CudaBackend::ReserveMetadata(size_t entries) {
   if (entries <= meta_capacity_) return absl::OkStatus();
+  BuffersMoved();
   ASSIGN_OR_RETURN(meta_, DeviceBuffer::Allocate(entries * sizeof(int32_t)));
   void* pinned = nullptr;
   RETURN_IF_CUDA_ERROR(cudaMallocHost(&pinned, entries * sizeof(int32_t)));
@@ -282,6 +286,11 @@ void CudaBackend::LayOutMetadata(const ForwardBatch& batch, int64_t rows) {
     table_stride_ = std::max(table_stride_, (context + shape_.block_size - 1) / shape_.block_size);
   }
   num_prefill_ = static_cast<int64_t>(batch.sequences.size()) - num_decode_;
+  // A decode step that may run as a graph rounds its block-table width up
+  // to a power of two, so that one graph serves while contexts grow.
+  if (num_prefill_ == 0 && num_decode_ <= graph_max_batch_) {
+    table_stride_ = static_cast<int64_t>(std::bit_ceil(static_cast<uint64_t>(table_stride_)));
+  }
   MetaLayout& at = meta_at_;
   at.tokens = 0;
   at.positions = at.tokens + n;
@@ -484,12 +493,11 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
                         stream_);
 }
 
-absl::Status CudaBackend::QueueLogits(const ForwardBatch& batch) {
+absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch) {
   RETURN_IF_ERROR(ValidateForwardBatch(model_.config, shape_, batch));
   for (const SequenceInput& seq : batch.sequences) {
     if (seq.kv != nullptr) RETURN_IF_ERROR(SupportsPolicy(seq.kv->config()));
   }
-  const ModelConfig& c = model_.config;
   const int64_t n = static_cast<int64_t>(batch.tokens.size());
   const int64_t rows = batch.all_logits ? n : static_cast<int64_t>(batch.sequences.size());
   if (n > capacity_tokens_ || rows > capacity_rows_) {
@@ -497,39 +505,47 @@ absl::Status CudaBackend::QueueLogits(const ForwardBatch& batch) {
                  std::max(rows, capacity_rows_));
   }
   RETURN_IF_ERROR(Reserve(std::max(n, capacity_tokens_), std::max(rows, capacity_rows_)));
+  step_tokens_ = n;
+  step_rows_ = rows;
+  step_all_logits_ = batch.all_logits;
   LayOutMetadata(batch, rows);
   RETURN_IF_ERROR(ReserveMetadata(meta_at_.total));
   RETURN_IF_ERROR(EnsurePolicyState(batch));
   StageMetadata(batch);
-  RETURN_IF_ERROR(ReservePolicyScratch());
+  return ReservePolicyScratch();
+}
+
+absl::Status CudaBackend::QueueForward() {
+  const ModelConfig& c = model_.config;
+  const int32_t* meta = meta_.as<int32_t>();
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(meta_.data(), meta_host_.get(),
                                        meta_at_.total * sizeof(int32_t), cudaMemcpyHostToDevice,
                                        stream_));
   if (num_scatter_ > 0) {
-    const int32_t* meta = meta_.as<int32_t>();
     RETURN_IF_ERROR(kc::ScatterInt32(policy_pool_.as<int32_t>(), meta + meta_at_.scatter_offsets,
                                      meta + meta_at_.scatter_values, num_scatter_, stream_));
   }
-  RETURN_IF_ERROR(RunLayers(n));
+  RETURN_IF_ERROR(RunLayers(step_tokens_));
   // The victims each selecting sequence's next token overwrites come back
   // with the step's results.
   const int64_t per_sequence = c.num_layers * c.num_kv_heads;
   int64_t at = 0;
   for (const PolicyStep& p : policy_steps_) {
     if (!p.evict) continue;
-    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(
-        static_cast<int32_t*>(victims_host_.get()) + at, policy_pool_.as<int32_t>() + p.state->victims,
-        per_sequence * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(static_cast<int32_t*>(victims_host_.get()) + at,
+                                         policy_pool_.as<int32_t>() + p.state->victims,
+                                         per_sequence * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                         stream_));
     at += per_sequence;
   }
   const __nv_bfloat16* head_in = Bf16(xn_);
-  if (!batch.all_logits) {
-    RETURN_IF_ERROR(kc::GatherRows(Bf16(xn_), c.hidden_size, meta_.as<int32_t>() + meta_at_.rows,
-                                   Bf16(last_), rows, stream_));
+  if (!step_all_logits_) {
+    RETURN_IF_ERROR(kc::GatherRows(Bf16(xn_), c.hidden_size, meta + meta_at_.rows, Bf16(last_),
+                                   step_rows_, stream_));
     head_in = Bf16(last_);
   }
   const DeviceBuffer& head = output_.size() > 0 ? output_ : embedding_;
-  return kc::MatMul({Bf16(head), c.vocab_size, c.hidden_size, head_in, c.hidden_size, rows,
+  return kc::MatMul({Bf16(head), c.vocab_size, c.hidden_size, head_in, c.hidden_size, step_rows_,
                      logits_.data(), c.vocab_size, DType::kF32},
                     cublas_, stream_);
 }
@@ -550,17 +566,100 @@ void CudaBackend::EndStep(const ForwardBatch& batch) {
 absl::Status CudaBackend::Forward(const ForwardBatch& batch, std::vector<float>* logits) {
   logits->clear();
   if (batch.tokens.empty()) return absl::OkStatus();
-  RETURN_IF_ERROR(QueueLogits(batch));
-  const int64_t vocab = model_.config.vocab_size;
-  const int64_t rows = batch.all_logits ? static_cast<int64_t>(batch.tokens.size())
-                                        : static_cast<int64_t>(batch.sequences.size());
-  const size_t logit_bytes = static_cast<size_t>(rows * vocab) * sizeof(float);
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(logits_host_.get(), logits_.data(), logit_bytes,
-                                       cudaMemcpyDeviceToHost, stream_));
+  RETURN_IF_ERROR(PrepareStep(batch));
+  const size_t logit_bytes =
+      static_cast<size_t>(step_rows_ * model_.config.vocab_size) * sizeof(float);
+  const auto queue = [&]() -> absl::Status {
+    RETURN_IF_ERROR(QueueForward());
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(logits_host_.get(), logits_.data(), logit_bytes,
+                                         cudaMemcpyDeviceToHost, stream_));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(RunStep(GraphKey(/*mode=*/0), queue));
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
   const float* host = static_cast<const float*>(logits_host_.get());
-  logits->assign(host, host + rows * vocab);
+  logits->assign(host, host + logit_bytes / sizeof(float));
   EndStep(batch);
+  return absl::OkStatus();
+}
+
+std::vector<int64_t> CudaBackend::GraphKey(int64_t mode) const {
+  if (num_prefill_ > 0 || num_decode_ == 0 || num_decode_ > graph_max_batch_) return {};
+  // Buffers (their addresses are baked into a graph), then every host-side
+  // value the launches take: the step's shape, and each policy sequence's
+  // settings, flags and device state.
+  std::vector<int64_t> key = {buffers_generation_,
+                              policy_pool_.generation(),
+                              penalties_.generation(),
+                              mode,
+                              step_tokens_,
+                              step_rows_,
+                              step_all_logits_,
+                              table_stride_,
+                              num_scatter_,
+                              static_cast<int64_t>(meta_at_.total)};
+  for (const PolicyStep& p : policy_steps_) {
+    const KvPolicyConfig& c = p.kv->config();
+    key.insert(key.end(),
+               {static_cast<int64_t>(c.kind), c.window, c.capacity, static_cast<int64_t>(c.fusion),
+                static_cast<int64_t>(c.aggregation), c.sinks, p.table, p.meta, p.n, p.slots,
+                p.push, p.evict, p.first, p.snap, p.kv->compacted(), p.state->offset,
+                p.state->max_slots});
+  }
+  return key;
+}
+
+void CudaBackend::GraphExecDeleter::operator()(cudaGraphExec_t exec) const {
+  cudaGraphExecDestroy(exec);
+}
+
+absl::Status CudaBackend::RunStep(const std::vector<int64_t>& key,
+                                  const std::function<absl::Status()>& queue) {
+  // Graphs hold the launches of this many step shapes; shapes seen once are
+  // remembered up to kMaxSeen.
+  constexpr size_t kMaxGraphs = 64;
+  constexpr size_t kMaxSeen = 1024;
+  if (key.empty()) return queue();
+  if (const auto it = graphs_.find(key); it != graphs_.end()) {
+    it->second.last_use = ++graph_clock_;
+    ++graph_replays_;
+    RETURN_IF_CUDA_ERROR(cudaGraphLaunch(it->second.exec.get(), stream_));
+    return absl::OkStatus();
+  }
+  // The first time, the step runs directly (which also lets cuBLAS and the
+  // kernels settle anything they do once); a shape that recurs is captured.
+  if (seen_keys_.size() >= kMaxSeen) seen_keys_.clear();
+  if (seen_keys_.insert(key).second) return queue();
+  RETURN_IF_CUDA_ERROR(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  const absl::Status queued = queue();
+  cudaGraph_t graph = nullptr;
+  cudaError_t error = cudaStreamEndCapture(stream_, &graph);
+  if (!queued.ok()) {
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    return queued;
+  }
+  cudaGraphExec_t exec = nullptr;
+  if (error == cudaSuccess) error = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  if (error != cudaSuccess) {
+    // Serving goes on without graphs rather than failing the step.
+    cudaGetLastError();
+    spdlog::warn("CUDA graph capture failed ({}); decode steps run without graphs from now on",
+                 cudaGetErrorString(error));
+    graph_max_batch_ = 0;
+    graphs_.clear();
+    return queue();
+  }
+  if (graphs_.size() >= kMaxGraphs) {
+    graphs_.erase(std::min_element(graphs_.begin(), graphs_.end(), [](const auto& a, const auto& b) {
+      return a.second.last_use < b.second.last_use;
+    }));
+  }
+  CachedGraph& cached = graphs_[key];
+  cached.exec.reset(exec);
+  cached.last_use = ++graph_clock_;
+  ++graph_captures_;
+  RETURN_IF_CUDA_ERROR(cudaGraphLaunch(exec, stream_));
   return absl::OkStatus();
 }
 

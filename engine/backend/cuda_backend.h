@@ -14,21 +14,25 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <span>
-#include <unordered_set>
 #include <string_view>
+#include <type_traits>
+#include <unordered_set>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "engine/backend/forward_backend.h"
+#include "engine/kv/kv_sequence.h"
 #include "engine/model/model.h"
 #include "kernels/cuda/device_buffer.h"
 #include "kernels/cuda/matmul.h"
-#include "engine/kv/kv_sequence.h"
 #include "kernels/cuda/sampling.h"
 
 namespace morphserve::engine {
@@ -46,6 +50,10 @@ struct CudaBackendOptions {
   // grows it once): tokens, and sequences (rows of logits).
   int64_t max_step_tokens = 2048;
   int64_t max_step_sequences = 256;
+  // Decode-only steps of up to this many sequences run as CUDA graphs: a
+  // step shape seen a second time is captured, and replayed whenever it
+  // recurs (0: every step is launched kernel by kernel).
+  int64_t cuda_graph_max_batch = 64;
 };
 
 class CudaBackend final : public ForwardBackend {
@@ -81,6 +89,13 @@ class CudaBackend final : public ForwardBackend {
   // policy tracks (C + 1; SnapKV's first C, the tokens its selection kept).
   // Empty while `kv` has not been compacted on this backend.
   absl::StatusOr<std::vector<int32_t>> DevicePositions(const KvSequence& kv);
+
+  // Changes CudaBackendOptions::cuda_graph_max_batch (benchmarks compare
+  // with and without graphs on one backend).
+  void set_graph_max_batch(int64_t n) { graph_max_batch_ = std::max<int64_t>(n, 0); }
+  // Steps captured into a CUDA graph, and steps replayed from one.
+  int64_t graph_captures() const { return graph_captures_; }
+  int64_t graph_replays() const { return graph_replays_; }
 
  private:
   using DeviceBuffer = kernels::cuda::DeviceBuffer;
@@ -121,6 +136,8 @@ class CudaBackend final : public ForwardBackend {
     explicit DevicePool(size_t element_bytes) : element_bytes_(element_bytes) {}
     absl::StatusOr<int64_t> Allocate(int64_t n);
     void Free(int64_t offset, int64_t n);
+    // Counts the times the array moved (so captured graphs know theirs is gone).
+    int64_t generation() const { return generation_; }
     template <typename T>
     T* as() const {
       return buffer_.as<T>();
@@ -130,6 +147,7 @@ class CudaBackend final : public ForwardBackend {
     size_t element_bytes_;
     DeviceBuffer buffer_;
     int64_t capacity_ = 0;
+    int64_t generation_ = 0;
     std::map<int64_t, int64_t> free_;  // offset -> length, disjoint, merged
   };
 
@@ -186,16 +204,29 @@ class CudaBackend final : public ForwardBackend {
   absl::Status ReservePolicyScratch();
 
   CudaBackend(const Model& model, kernels::cuda::Cublas cublas);
-  // Queues the step up to the logits (in logits_); EndStep advances the
-  // sequences once it has run.
-  absl::Status QueueLogits(const ForwardBatch& batch);
+  // The host side of a step: checks, working memory, the sequences' device
+  // policy state, and the metadata staged in pinned memory.
+  absl::Status PrepareStep(const ForwardBatch& batch);
+  // Queues the prepared step's device work up to the logits (in logits_),
+  // with the victims' copy back; EndStep advances the sequences once it has
+  // run.
+  absl::Status QueueForward();
   void EndStep(const ForwardBatch& batch);
+  // What a prepared decode step's launches depend on besides the contents
+  // of device and pinned memory (`mode` tells the callers' work after the
+  // logits apart); empty when the step does not run as a graph.
+  std::vector<int64_t> GraphKey(int64_t mode) const;
+  // Runs `queue` (which queues work on stream_) directly, or through the
+  // CUDA graph cached for `key`, capturing it the second time `key` shows.
+  absl::Status RunStep(const std::vector<int64_t>& key, const std::function<absl::Status()>& queue);
   absl::Status UploadWeights();
   absl::Status AllocatePool(const CudaBackendOptions& options);
   // Sizes the working memory for steps of up to `tokens` tokens and `rows`
   // rows of logits (growing only).
   absl::Status Reserve(int64_t tokens, int64_t rows);
   absl::Status ReserveMetadata(size_t entries);
+  // A buffer that captured graphs may use was (re)allocated: they are stale.
+  void BuffersMoved() { ++buffers_generation_; }
   // Sets meta_at_ and table_stride_ for the step, then writes its metadata
   // into the pinned staging buffer.
   void LayOutMetadata(const ForwardBatch& batch, int64_t rows);
@@ -260,6 +291,23 @@ class CudaBackend final : public ForwardBackend {
   int64_t prefill_max_len_ = 0;  // the longest chunk
   int64_t num_scatter_ = 0;      // position updates this step
   int64_t attention_rows_ = 0;   // rows PagedAttention runs at once
+  int64_t step_tokens_ = 0, step_rows_ = 0;  // the prepared step's
+  bool step_all_logits_ = false;
+
+  // CUDA graphs of decode steps, least recently used dropped first.
+  struct GraphExecDeleter {
+    void operator()(cudaGraphExec_t exec) const;
+  };
+  struct CachedGraph {
+    std::unique_ptr<std::remove_pointer_t<cudaGraphExec_t>, GraphExecDeleter> exec;
+    uint64_t last_use = 0;
+  };
+  int64_t graph_max_batch_ = 0;
+  int64_t buffers_generation_ = 0;
+  std::map<std::vector<int64_t>, CachedGraph> graphs_;
+  std::set<std::vector<int64_t>> seen_keys_;  // shapes run once, directly
+  uint64_t graph_clock_ = 0;
+  int64_t graph_captures_ = 0, graph_replays_ = 0;
 };
 
 }  // namespace morphserve::engine

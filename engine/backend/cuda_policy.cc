@@ -95,6 +95,7 @@ void CudaBackend::PlanPolicyStep(const SequenceInput& seq, PolicyStep& p, int32_
 
 absl::Status CudaBackend::GrowScratch(DeviceBuffer& buffer, size_t bytes) {
   if (buffer.size() >= bytes) return absl::OkStatus();
+  BuffersMoved();
   ASSIGN_OR_RETURN(buffer, DeviceBuffer::Allocate(std::max(bytes, 2 * buffer.size())));
   return absl::OkStatus();
 }
@@ -125,6 +126,7 @@ absl::Status CudaBackend::ReservePolicyScratch() {
     RETURN_IF_ERROR(GrowScratch(keep_counts_, kv_heads * sizeof(int32_t)));
   }
   if (victims > victims_capacity_) {
+    BuffersMoved();
     void* pinned = nullptr;
     RETURN_IF_CUDA_ERROR(cudaMallocHost(&pinned, victims * sizeof(int32_t)));
     victims_host_.reset(pinned);
@@ -320,6 +322,7 @@ absl::StatusOr<int64_t> CudaBackend::DevicePool::Allocate(int64_t n) {
   // Grow: at least double, and enough for `n` past the end.
   const int64_t grown = std::max<int64_t>({2 * capacity_, capacity_ + n, 1 << 16});
   ASSIGN_OR_RETURN(DeviceBuffer bigger, DeviceBuffer::Allocate(grown * element_bytes_));
+  ++generation_;
   if (capacity_ > 0) {
     RETURN_IF_CUDA_ERROR(cudaMemcpy(bigger.data(), buffer_.data(), capacity_ * element_bytes_,
                                     cudaMemcpyDeviceToDevice));

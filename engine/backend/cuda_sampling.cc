@@ -53,50 +53,60 @@ absl::Status CudaBackend::ForwardAndSample(const ForwardBatch& batch,
   RETURN_IF_ERROR(CheckSampleArgs(batch, rows));
   if (rows.empty()) return absl::OkStatus();
   const int64_t n_rows = static_cast<int64_t>(rows.size());
-  // Every row's parameters; a row that draws nothing is greedy, without
-  // penalties or log-probabilities, and its token is ignored.
-  auto* params = static_cast<kc::SamplingRowParams*>(sample_host_.get());
   bool any_top = false;
+  for (const SampleRow& row : rows) {
+    if (!row.sample) continue;
+    const auto it = requests_.find(row.id);
+    if (it == requests_.end()) {
+      return absl::InternalError(StrCat("request ", row.id, " was never added"));
+    }
+    any_top = any_top || it->second.params.logprobs > 0;
+  }
+  RETURN_IF_ERROR(PrepareStep(batch));
+  // Every row's parameters (staged after PrepareStep, which may grow the
+  // buffer); a row that draws nothing is greedy, without penalties or
+  // log-probabilities, and its token is ignored.
+  auto* params = static_cast<kc::SamplingRowParams*>(sample_host_.get());
   for (int64_t i = 0; i < n_rows; ++i) {
     params[i] = kc::SamplingRowParams{};
     params[i].temperature = 0.0f;
     if (!rows[i].sample) continue;
-    const auto it = requests_.find(rows[i].id);
-    if (it == requests_.end()) {
-      return absl::InternalError(StrCat("request ", rows[i].id, " was never added"));
-    }
-    const RequestSampling& r = it->second;
+    const RequestSampling& r = requests_.at(rows[i].id);
     params[i] = kc::ToSamplingRow(r.params, r.seed, r.step);
     params[i].penalty_offset = r.penalty_offset;
     params[i].penalty_size = r.penalty_size;
     params[i].penalty_capacity = r.penalty_capacity;
-    any_top = any_top || r.params.logprobs > 0;
   }
-  RETURN_IF_ERROR(QueueLogits(batch));
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sample_rows_.data(), params,
-                                       n_rows * sizeof(kc::SamplingRowParams),
-                                       cudaMemcpyHostToDevice, stream_));
-  kc::SamplingArgs args;
-  args.logits = logits_.as<float>();
-  args.logits_stride = model_.config.vocab_size;
-  args.num_rows = n_rows;
-  args.vocab = model_.config.vocab_size;
-  args.rows = sample_rows_.as<kc::SamplingRowParams>();
-  args.penalty_entries = penalties_.as<kc::PenaltyEntry>();
-  args.record_tokens = true;
-  args.tokens = sampled_.as<int32_t>();
-  args.logprobs = sampled_.as<float>() + capacity_rows_;
-  if (any_top) {
-    args.top_ids = sampled_.as<int32_t>() + 2 * capacity_rows_;
-    args.top_logprobs = sampled_.as<float>() + (2 + kMaxLogprobs) * capacity_rows_;
-    args.top_stride = kMaxLogprobs;
-  }
-  RETURN_IF_ERROR(kc::SampleTokens(args, stream_));
   // Tokens, their log-probabilities and (when asked) the top lists come
   // back in one copy; the layout is [tokens][logprobs][top ids][top logprobs].
   const int64_t words = any_top ? (2 + 2 * kMaxLogprobs) * capacity_rows_ : 2 * capacity_rows_;
-  RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sampled_host_.get(), sampled_.data(),
-                                       words * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+  const auto queue = [&]() -> absl::Status {
+    RETURN_IF_ERROR(QueueForward());
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sample_rows_.data(), params,
+                                         n_rows * sizeof(kc::SamplingRowParams),
+                                         cudaMemcpyHostToDevice, stream_));
+    kc::SamplingArgs args;
+    args.logits = logits_.as<float>();
+    args.logits_stride = model_.config.vocab_size;
+    args.num_rows = n_rows;
+    args.vocab = model_.config.vocab_size;
+    args.rows = sample_rows_.as<kc::SamplingRowParams>();
+    args.penalty_entries = penalties_.as<kc::PenaltyEntry>();
+    args.record_tokens = true;
+    args.tokens = sampled_.as<int32_t>();
+    args.logprobs = sampled_.as<float>() + capacity_rows_;
+    if (any_top) {
+      args.top_ids = sampled_.as<int32_t>() + 2 * capacity_rows_;
+      args.top_logprobs = sampled_.as<float>() + (2 + kMaxLogprobs) * capacity_rows_;
+      args.top_stride = kMaxLogprobs;
+    }
+    RETURN_IF_ERROR(kc::SampleTokens(args, stream_));
+    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(sampled_host_.get(), sampled_.data(),
+                                         words * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                         stream_));
+    return absl::OkStatus();
+  };
+  RETURN_IF_ERROR(RunStep(GraphKey(/*mode=*/1 + any_top), queue));
   RETURN_IF_CUDA_ERROR(cudaStreamSynchronize(stream_));
   EndStep(batch);
   const auto* tokens = static_cast<const int32_t*>(sampled_host_.get());

@@ -22,6 +22,9 @@ void AddEngineFlags(ArgParser& p, EngineFlags* f) {
               "--gpu-memory-utilization leaves)");
   p.AddFloat("gpu-memory-utilization", &f->gpu_memory_utilization,
              "CUDA: fraction of the GPU's memory for weights, activations and the KV pool");
+  p.AddInt("cuda-graph-max-batch", &f->cuda_graph_max_batch,
+           "CUDA: decode steps of up to this many sequences replay captured CUDA graphs "
+           "(0: launch every kernel each step)");
   p.AddInt("threads", &f->threads, "CPU threads for the engine (0: all cores)");
 }
 
@@ -30,10 +33,11 @@ absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& 
     return absl::InvalidArgumentError("--gpu-memory-utilization must be in (0, 1]");
   }
   if (f.kv_cache_blocks < 0) return absl::InvalidArgumentError("--kv-cache-blocks must not be negative");
-  if (f.max_num_seqs < 1 || f.max_num_batched_tokens < 1 || f.block_size < 1 || f.threads < 0) {
+  if (f.max_num_seqs < 1 || f.max_num_batched_tokens < 1 || f.block_size < 1 || f.threads < 0 ||
+      f.cuda_graph_max_batch < 0) {
     return absl::InvalidArgumentError(
         "--max-num-seqs, --max-num-batched-tokens and --block-size must be at least 1, "
-        "--threads at least 0");
+        "--threads and --cuda-graph-max-batch at least 0");
   }
   server::EngineOptions o;
   ASSIGN_OR_RETURN(o.device, engine::ResolveDevice(f.device));
@@ -52,6 +56,7 @@ absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& 
     ASSIGN_OR_RETURN(o.kv_cache_bytes, ParseByteSize(f.kv_cache_memory, "--kv-cache-memory"));
   }
   o.gpu_memory_utilization = f.gpu_memory_utilization;
+  o.cuda_graph_max_batch = f.cuda_graph_max_batch;
   return o;
 }
 

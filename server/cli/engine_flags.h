@@ -22,6 +22,7 @@ struct EngineFlags {
   int64_t kv_cache_blocks = 0;
   std::string kv_cache_memory;  // empty: the device's default
   float gpu_memory_utilization = 0.9f;
+  int64_t cuda_graph_max_batch = 64;
   int64_t threads = 0;
 };
 

@@ -410,6 +410,9 @@ TEST_F(CudaBackendTest, DeviceSamplingMatchesTheCpuSampler) {
   options.block_size = block_size;
   options.num_blocks = blocks;
   absl::StatusOr<std::unique_ptr<ForwardBackend>> gpu = CreateBackend(*model, options);
+  // The same on a backend that launches every step's kernels one by one
+  // (the first replays CUDA graphs of its decode steps).
+  options.cuda_graph_max_batch = 0;
   absl::StatusOr<std::unique_ptr<ForwardBackend>> again = CreateBackend(*model, options);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
   ASSERT_TRUE(again.ok()) << again.status();
@@ -447,6 +450,12 @@ TEST_F(CudaBackendTest, DeviceSamplingMatchesTheCpuSampler) {
       const SampleResult& want = out[0][s];
       const SampleResult& got = out[1][s];
       EXPECT_EQ(out[2][s].token, got.token) << "the same seed and history, sequence " << s;
+      EXPECT_EQ(out[2][s].logprob, got.logprob) << "sequence " << s;
+      ASSERT_EQ(out[2][s].top.size(), got.top.size());
+      for (size_t k = 0; k < got.top.size(); ++k) {
+        EXPECT_EQ(out[2][s].top[k].id, got.top[k].id);
+        EXPECT_EQ(out[2][s].top[k].logprob, got.top[k].logprob);
+      }
       if (params[s].greedy()) {
         // Plain greedy: the device token is the CPU's, or its raw
         // log-probability is within tolerance of the CPU's best (a
@@ -471,9 +480,58 @@ TEST_F(CudaBackendTest, DeviceSamplingMatchesTheCpuSampler) {
   // The penalties follow the same history on both sides (the CPU records
   // its own picks, so one near-tie may set them apart for a step or two).
   EXPECT_GE(same_penalized, steps - 2);
+  // The 11 decode steps have two shapes (block tables 2 wide, then 4 once
+  // the longest context passes 32 tokens), each run directly once, captured
+  // the second time and replayed after.
+  const auto* graphs = dynamic_cast<const CudaBackend*>(gpu->get());
+  ASSERT_NE(graphs, nullptr);
+  EXPECT_EQ(graphs->graph_captures(), 2);
+  EXPECT_EQ(graphs->graph_replays(), steps - 1 - 4);
+  EXPECT_EQ(dynamic_cast<const CudaBackend*>(again->get())->graph_replays(), 0);
   for (ForwardBackend* b : backends) {
     for (size_t s = 0; s < prompts.size(); ++s) b->RemoveRequest(static_cast<int64_t>(s) + 10);
   }
+}
+
+// Decode steps replayed from CUDA graphs compute exactly what the same
+// kernels launched one by one do, bit for bit, while contexts grow past
+// block-table widths, policies evict every step and compact, and a second
+// run reuses the first one's graphs and device state.
+TEST_F(CudaBackendTest, CudaGraphsReplayDecodeStepsBitForBit) {
+  const testing::TinySpec spec = Shape(4, 2, 256, 300);
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  BackendOptions options;
+  options.device = "cuda";
+  options.block_size = 4;
+  options.num_blocks = 96;
+  options.cuda_graph_max_batch = 4;
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> graphs = CreateBackend(*model, options);
+  options.cuda_graph_max_batch = 0;
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> eager = CreateBackend(*model, options);
+  ASSERT_TRUE(graphs.ok()) << graphs.status();
+  ASSERT_TRUE(eager.ok()) << eager.status();
+  const PositionsOf none = [](const KvSequence&) { return std::vector<int32_t>(); };
+  int run = 0;
+  for (const KvPolicyConfig& policy :
+       {Policy(KvPolicyKind::kMorphKv, 4, 12), Policy(KvPolicyKind::kH2o, 4, 12), KvPolicyConfig{}}) {
+    SCOPED_TRACE(KvPolicyName(policy.kind));
+    const std::vector<std::vector<int32_t>> prompts =
+        RandomPrompts({3, 9, 14}, spec.vocab, static_cast<uint32_t>(20 + run++));
+    absl::Status graph_error, eager_error;
+    const Generation want = Generate(**eager, *model, prompts, 16, 24, &eager_error, policy, none);
+    const Generation got = Generate(**graphs, *model, prompts, 16, 24, &graph_error, policy, none);
+    ASSERT_TRUE(eager_error.ok()) << eager_error;
+    ASSERT_TRUE(graph_error.ok()) << graph_error;
+    EXPECT_EQ(want.tokens, got.tokens);
+    EXPECT_EQ(want.logits, got.logits);
+    EXPECT_EQ(want.victims, got.victims);
+  }
+  const auto* cuda = dynamic_cast<const CudaBackend*>(graphs->get());
+  ASSERT_NE(cuda, nullptr);
+  EXPECT_GT(cuda->graph_captures(), 0);
+  EXPECT_GT(cuda->graph_replays(), 2 * cuda->graph_captures());
+  EXPECT_EQ(dynamic_cast<const CudaBackend*>(eager->get())->graph_captures(), 0);
 }
 
 TEST_F(CudaBackendTest, BadBatchesAreErrorsAndLeaveTheBackendWorking) {
