@@ -24,9 +24,11 @@ using internal::Rescaled;
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / internal::kWarpSize;
 constexpr int kPartition = static_cast<int>(kScoringPartitionSize);
-// Window rows scored per pass over a partition's keys (their summed
-// queries sit in shared memory); longer windows take several passes.
+// Score rows per pass over a partition's keys (their queries sit in shared
+// memory); more rows take several passes.
 constexpr int kRowChunk = internal::kScoringRowChunk;
+// The most score rows per (sequence, KV head) for group-max-prob.
+constexpr int64_t kMaxScoreRows = int64_t{1} << 20;
 
 struct Params {
   const __nv_bfloat16* k_cache;
@@ -43,6 +45,10 @@ struct Params {
   int num_kv_heads;
   int group;  // query heads per KV head
   int window;
+  // Group-max-prob: score row i * group + g is query head g of the ring
+  // row of position t-W+1+i, i < window - 1. Else score row r is ring row r.
+  bool per_head;
+  int score_rows;  // per (sequence, KV head): window, or (window - 1) * group
   bool max_fusion;
   float scale;
   const __nv_bfloat16* q;
@@ -52,7 +58,7 @@ struct Params {
   float* scores;
   int64_t scores_stride;
   // Scratch, indexed by (seq * num_kv_heads + kv_head) * max_partitions +
-  // partition: per window row (times window, plus the row), the partition's
+  // partition: per score row (times score_rows, plus the row), the partition's
   // largest candidate logit and its sum of exp(logit - that maximum); and
   // the partition's lowest candidate.
   float* part_max;
@@ -87,12 +93,27 @@ __device__ __forceinline__ void MarkCandidates(const Params& p, int seq, int kv_
   }
 }
 
-// q[r] = scale * the sum of the group's query heads in window row r0 + r.
+// q[r] = scale * the query of score row r0 + r: the sum of the group's
+// query heads in ring row r0 + r, or for group-max-prob one head's query.
 template <int kHeadDim>
 __device__ __forceinline__ void LoadQueries(const Params& p, int seq, int kv_head, int r0, int rows,
                                             float (*q)[kHeadDim]) {
   const __nv_bfloat16* base =
       p.q + seq * p.q_seq_stride + static_cast<int64_t>(kv_head) * p.group * kHeadDim;
+  if (p.per_head) {
+    // recent_from = t - W names the ring row left out; the rows after it
+    // hold t-W+1 .. t-1.
+    const int skipped = (p.recent_from[seq] % p.window + p.window) % p.window;
+    for (int i = static_cast<int>(threadIdx.x); i < rows * kHeadDim; i += kThreads) {
+      const int r = i / kHeadDim;
+      const int d = i % kHeadDim;
+      const int row = r0 + r;
+      const int ring = (skipped + 1 + row / p.group) % p.window;
+      const __nv_bfloat16* head = base + ring * p.q_row_stride + (row % p.group) * kHeadDim + d;
+      q[r][d] = __bfloat162float(*head) * p.scale;
+    }
+    return;
+  }
   for (int i = static_cast<int>(threadIdx.x); i < rows * kHeadDim; i += kThreads) {
     const int r = i / kHeadDim;
     const int d = i % kHeadDim;
@@ -101,6 +122,20 @@ __device__ __forceinline__ void LoadQueries(const Params& p, int seq, int kv_hea
     for (int g = 0; g < p.group; ++g) sum += __bfloat162float(head[g * kHeadDim]);
     q[r][d] = sum * p.scale;
   }
+}
+
+// Rows of the pass-b chunk from score row r0. Group-max-prob takes whole
+// ring rows (all G heads), so that their maximum is complete within the
+// chunk; a group over kRowChunk heads goes in chunks of one ring row's
+// heads instead.
+__device__ __forceinline__ int FuseChunkRows(const Params& p, int r0) {
+  if (!p.per_head) return min(kRowChunk, p.score_rows - r0);
+  if (p.group <= kRowChunk) return min(kRowChunk / p.group * p.group, p.score_rows - r0);
+  return min(kRowChunk, p.group - r0 % p.group);
+}
+
+__device__ __forceinline__ float Fuse(const Params& p, float a, float b) {
+  return p.max_fusion ? fmaxf(a, b) : a + b;
 }
 
 // Thread mapping of both scoring kernels. Grid: (partition, KV head,
@@ -149,10 +184,10 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
   const int dim0 = lane_in_row * kVec;
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const int64_t stats_at =
-      (Unit(p, seq, kv_head) * p.max_partitions + partition) * static_cast<int64_t>(p.window);
+      (Unit(p, seq, kv_head) * p.max_partitions + partition) * static_cast<int64_t>(p.score_rows);
 
-  for (int r0 = 0; r0 < p.window; r0 += kRowChunk) {
-    const int rows = min(kRowChunk, p.window - r0);
+  for (int r0 = 0; r0 < p.score_rows; r0 += kRowChunk) {
+    const int rows = min(kRowChunk, p.score_rows - r0);
     LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
     internal::ResetRowStats<kThreads, kRowsAtOnce>(run_max, run_sum);
     __syncthreads();
@@ -177,9 +212,10 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
   }
 }
 
-// Pass b: the probabilities under the global per-row softmax, fused over
-// the rows; the partition's scores and its lowest candidate.
-template <int kHeadDim>
+// Pass b: the probabilities under the global per-row softmax, for
+// group-max-prob (kPerHead) reduced by max over each ring row's heads,
+// fused over the rows; the partition's scores and its lowest candidate.
+template <int kHeadDim, bool kPerHead>
 __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
   constexpr int kRowThreads = kHeadDim / kVec;
   constexpr int kRowsAtOnce = kThreads / kRowThreads;
@@ -199,31 +235,45 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
   __shared__ float row_max[kRowChunk];
   __shared__ float row_inv[kRowChunk];
   __shared__ Choice warp_best[kWarps];
+  // Group-max-prob: the ring row (counted from the chunk's first) of each
+  // chunk row; and per slot the maximum so far of a ring row whose heads
+  // span several chunks (groups over kRowChunk).
+  __shared__ int ring_row[kPerHead ? kRowChunk : 1];
+  __shared__ float carry[kPerHead ? kPartition : 1];
 
   MarkCandidates(p, seq, kv_head, start, n, pos);
-  // Probabilities are >= 0, so 0 is the identity of both sum and max.
-  for (int i = static_cast<int>(threadIdx.x); i < kPartition; i += kThreads) fused[i] = 0.0f;
+  // Probabilities are >= 0, so 0 is the identity of sum and max alike.
+  for (int i = static_cast<int>(threadIdx.x); i < kPartition; i += kThreads) {
+    fused[i] = 0.0f;
+    if constexpr (kPerHead) carry[i] = 0.0f;
+  }
   const int lane_in_row = static_cast<int>(threadIdx.x) % kRowThreads;
   const int row = static_cast<int>(threadIdx.x) / kRowThreads;
   const int dim0 = lane_in_row * kVec;
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const int64_t unit = Unit(p, seq, kv_head);
-  const int64_t stats_base = unit * p.max_partitions * p.window;
+  const int64_t stats_base = unit * p.max_partitions * p.score_rows;
 
-  for (int r0 = 0; r0 < p.window; r0 += kRowChunk) {
-    const int rows = min(kRowChunk, p.window - r0);
+  for (int r0 = 0; r0 < p.score_rows;) {
+    const int rows = FuseChunkRows(p, r0);
+    // Group-max-prob with a group over kRowChunk: the chunk is part of one
+    // ring row, whose maximum is complete at the chunk that ends it.
+    [[maybe_unused]] const bool split = kPerHead && p.group > kRowChunk;
+    [[maybe_unused]] const bool ends_ring_row = (r0 + rows) % p.group == 0;
     LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
     for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
       const float* maxes = p.part_max + stats_base + r0 + r;
       const float* sums = p.part_sum + stats_base + r0 + r;
       float m = -INFINITY;
-      for (int i = 0; i < partitions; ++i) m = fmaxf(m, maxes[i * p.window]);
+      for (int i = 0; i < partitions; ++i) m = fmaxf(m, maxes[i * p.score_rows]);
       float z = 0.0f;
       for (int i = 0; i < partitions; ++i) {
-        z += Rescaled(sums[i * p.window], maxes[i * p.window], m);
+        z += Rescaled(sums[i * p.score_rows], maxes[i * p.score_rows], m);
       }
       row_max[r] = m;
       row_inv[r] = z > 0.0f ? 1.0f / z : 0.0f;
+      // A split chunk spreads its rows over the lanes like the default.
+      if constexpr (kPerHead) ring_row[r] = split ? r : r / p.group;
     }
     __syncthreads();
     for (int j0 = 0; j0 < n; j0 += kRowsAtOnce) {
@@ -231,23 +281,58 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
       const bool candidate = j < n && pos[j] >= 0;
       float logits[kRowChunk] = {};
       SlotLogits<kHeadDim>(p, table, kv_head, start + j, j < n, dim0, rows, q, logits);
-      float part = 0.0f;  // this lane's rows
-#pragma unroll
-      for (int r = 0; r < kRowChunk; ++r) {
-        if (candidate && r < rows && r % kRowThreads == lane_in_row) {
-          const float prob = expf(logits[r] - row_max[r]) * row_inv[r];
-          part = p.max_fusion ? fmaxf(part, prob) : part + prob;
-        }
-      }
-      part = p.max_fusion ? internal::WarpMax<kRowThreads>(part)
-                          : internal::WarpSum<kRowThreads>(part);
       // Slot j always falls to the same thread row, so no other thread
-      // touches fused[j] until the barrier below.
-      if (candidate && lane_in_row == 0) {
-        fused[j] = p.max_fusion ? fmaxf(fused[j], part) : fused[j] + part;
+      // touches fused[j] or carry[j] until the barrier below.
+      if constexpr (!kPerHead) {
+        float part = 0.0f;  // this lane's rows
+#pragma unroll
+        for (int r = 0; r < kRowChunk; ++r) {
+          if (candidate && r < rows && r % kRowThreads == lane_in_row) {
+            const float prob = expf(logits[r] - row_max[r]) * row_inv[r];
+            part = p.max_fusion ? fmaxf(part, prob) : part + prob;
+          }
+        }
+        part = p.max_fusion ? internal::WarpMax<kRowThreads>(part)
+                            : internal::WarpSum<kRowThreads>(part);
+        if (candidate && lane_in_row == 0) {
+          fused[j] = p.max_fusion ? fmaxf(fused[j], part) : fused[j] + part;
+        }
+      } else {
+        // Lane l takes the ring rows i with i % kRowThreads == l, all heads
+        // of each (consecutive score rows): head_max is the current ring
+        // row's maximum, part the fusion of the lane's finished ones.
+        float part = 0.0f;
+        float head_max = 0.0f;
+        int current = 0;
+#pragma unroll
+        for (int r = 0; r < kRowChunk; ++r) {
+          if (candidate && r < rows && ring_row[r] % kRowThreads == lane_in_row) {
+            const float prob = expf(logits[r] - row_max[r]) * row_inv[r];
+            if (!split && ring_row[r] != current) {
+              part = Fuse(p, part, head_max);
+              head_max = 0.0f;
+              current = ring_row[r];
+            }
+            head_max = fmaxf(head_max, prob);
+          }
+        }
+        if (split) {
+          head_max = internal::WarpMax<kRowThreads>(head_max);
+          if (candidate && lane_in_row == 0) {
+            const float m = fmaxf(carry[j], head_max);
+            carry[j] = ends_ring_row ? 0.0f : m;
+            if (ends_ring_row) fused[j] = Fuse(p, fused[j], m);
+          }
+        } else {
+          part = Fuse(p, part, head_max);
+          part = p.max_fusion ? internal::WarpMax<kRowThreads>(part)
+                              : internal::WarpSum<kRowThreads>(part);
+          if (candidate && lane_in_row == 0) fused[j] = Fuse(p, fused[j], part);
+        }
       }
     }
     __syncthreads();  // q and the row statistics are refilled next chunk
+    r0 += rows;
   }
 
   float* scores = p.scores == nullptr ? nullptr : p.scores + unit * p.scores_stride + start;
@@ -288,7 +373,11 @@ absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
                   static_cast<unsigned>(num_seqs));
   RowStatsKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
   RETURN_IF_ERROR(LaunchStatus("MorphKvRowStatsKernel"));
-  FuseKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
+  if (p.per_head) {
+    FuseKernel<kHeadDim, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    FuseKernel<kHeadDim, false><<<grid, kThreads, 0, stream>>>(p);
+  }
   RETURN_IF_ERROR(LaunchStatus("MorphKvFuseKernel"));
   const dim3 victim_grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(num_seqs));
   VictimKernel<<<victim_grid, internal::kWarpSize, 0, stream>>>(p);
@@ -297,14 +386,22 @@ absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
 
 }  // namespace
 
-size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
-                                  int64_t max_slots) {
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t window, int64_t max_slots, bool group_max_prob) {
   const int64_t partitions = max_slots <= kScoringPartitionSize
                                  ? 1
                                  : (max_slots + kScoringPartitionSize - 1) / kScoringPartitionSize;
   const int64_t units = std::max<int64_t>(num_seqs * num_kv_heads * partitions, 1);
+  const int64_t group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
+  const int64_t rows = group_max_prob ? std::max<int64_t>(window - 1, 0) * group : window;
   // Row maxima and exp sums, then the best scores, positions and slots.
-  return static_cast<size_t>(units * (2 * window + 3)) * sizeof(float);
+  return static_cast<size_t>(units * (2 * rows + 3)) * sizeof(float);
+}
+
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
+                                  int64_t max_slots) {
+  return MorphKvScoringScratchBytes(num_seqs, num_kv_heads, num_kv_heads, window, max_slots,
+                                    /*group_max_prob=*/false);
 }
 
 absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat16* q,
@@ -325,6 +422,10 @@ absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat
   RETURN_IF_ERROR(Require(a.max_slots >= 0 && a.max_slots <= (int64_t{1} << 30), kName,
                           "0 <= max_slots <= 2^30"));
   RETURN_IF_ERROR(Require(a.window > 0 && a.window <= (1 << 20), kName, "0 < window <= 2^20"));
+  RETURN_IF_ERROR(Require(
+      !a.group_max_prob ||
+          a.num_heads / a.num_kv_heads <= kMaxScoreRows / std::max<int64_t>(a.window - 1, 1),
+      kName, "(window - 1) * (num_heads / num_kv_heads) <= 2^20 for group-max-prob"));
   RETURN_IF_ERROR(Require(a.sinks >= 0 && a.sinks <= INT_MAX, kName, "0 <= sinks < 2^31"));
   RETURN_IF_ERROR(Require(a.positions == nullptr || a.positions_stride >= a.max_slots, kName,
                           "positions_stride >= max_slots"));
@@ -352,6 +453,8 @@ absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat
   p.num_kv_heads = static_cast<int>(a.num_kv_heads);
   p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
   p.window = static_cast<int>(a.window);
+  p.per_head = a.group_max_prob;
+  p.score_rows = static_cast<int>(a.group_max_prob ? (a.window - 1) * p.group : a.window);
   p.max_fusion = a.max_fusion;
   p.scale = a.scale;
   p.q = q;
@@ -362,8 +465,8 @@ absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat
   p.scores_stride = scores_stride;
   const int64_t units = a.num_seqs * a.num_kv_heads * p.max_partitions;
   p.part_max = static_cast<float*>(scratch);
-  p.part_sum = p.part_max + units * a.window;
-  p.best_score = p.part_sum + units * a.window;
+  p.part_sum = p.part_max + units * p.score_rows;
+  p.best_score = p.part_sum + units * p.score_rows;
   p.best_pos = reinterpret_cast<int32_t*>(p.best_score + units);
   p.best_slot = p.best_pos + units;
   switch (a.head_dim) {

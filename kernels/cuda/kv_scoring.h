@@ -1,32 +1,45 @@
 // MorphKV's per-step victim choice on the GPU, for a batch of sequences and
 // every KV head of one layer: the GPU counterpart of what the CPU path does
-// with kernels/cpu/kv_scoring.h in KvSequence (group-logit-sum aggregation).
+// with kernels/cpu/kv_scoring.h in KvSequence (MorphKvRows, MorphKvFuse),
+// for either aggregation of a KV group's G = num_heads / num_kv_heads query
+// heads.
 //
-// For sequence s and KV head h, with G = num_heads / num_kv_heads:
-//   1. each of the W window rows r has the query Q_r = sum of the G query
-//      heads of h (bf16, summed in f32), so its logit against slot j is
-//      scale * Q_r . K_j, the sum of the group's logits;
+// For sequence s and KV head h, with the next token at t = recent_from[s] +
+// W and the window's queries in a ring of W rows (position p in row p % W,
+// so the ring holds t-W .. t-1):
+//   1. the score rows:
+//      group-logit-sum (default): W rows, one per ring row, each with the
+//        query Q_r = sum of the G query heads of h (bf16, summed in f32), so
+//        its logit against slot j is scale * Q_r . K_j, the sum of the
+//        group's logits;
+//      group-max-prob: (W-1) * G rows, one per query head of h in each of
+//        the newest W-1 ring rows (t-W+1 .. t-1; the ring row of t-W is
+//        never read), each with that head's own query q, so its logit is
+//        scale * q . K_j;
 //   2. a softmax per row over the candidate slots only: j < num_slots[s]
 //      whose position p has sinks <= p < recent_from[s];
-//   3. the rows fused per candidate by sum or max;
-//   4. the victim is the candidate with the lowest fused score, the smaller
+//   3. group-max-prob only: per ring row, the largest of its G heads'
+//      probabilities;
+//   4. the (ring) rows fused per candidate by sum or max;
+//   5. the victim is the candidate with the lowest fused score, the smaller
 //      position on a tie (the older token goes first).
 // That victim is the steady-state choice, one eviction per step; the first
 // selection, which keeps the best C+1-W candidates at once, ranks the
-// scores instead (and group-max-prob aggregation is CPU-only for now).
-// Both fusions are symmetric in the rows, so their order does not matter
-// (a ring of queries indexed by position % W is fine).
+// scores instead. Both fusions are symmetric in the rows, so their order
+// does not matter. With W = 1, group-max-prob has no rows: every candidate
+// scores 0 and the oldest goes.
 //
 // Slots are split into partitions of kScoringPartitionSize, each scored by
 // its own thread block, in three kernels:
-//   a. per partition and row: the largest logit and the sum of
+//   a. per partition and score row: the largest logit and the sum of
 //      exp(logit - that maximum) over the partition's candidates;
 //   b. per partition: the global per-row maximum M_r and denominator
 //      Z_r = sum over partitions of sum_p * exp(max_p - M_r), from a's
 //      results; then the logits again (keys re-read, mostly from L2, rather
-//      than W logits per slot kept in memory), probabilities
-//      exp(logit - M_r) / Z_r fused over the rows, and the partition's
-//      lowest candidate;
+//      than a logit per row and slot kept in memory), probabilities
+//      exp(logit - M_r) / Z_r, for group-max-prob reduced by max over each
+//      ring row's heads, fused over the rows, and the partition's lowest
+//      candidate;
 //   c. per (sequence, KV head): the lowest of the partitions' candidates.
 // A softmax row needs every partition's denominator before any probability
 // is final, hence the split between a and b.
@@ -78,16 +91,26 @@ struct MorphKvScoringArgs {
   int64_t head_dim = 0;      // 64, 128 or 256
   int64_t window = 0;        // W, the query rows per sequence
   bool max_fusion = false;   // fuse rows by max instead of sum
+  // The group-max-prob aggregation (per-head rows of the newest W-1 ring
+  // rows, max over the group) instead of group-logit-sum; (W-1) * G must
+  // not exceed 2^20.
+  bool group_max_prob = false;
   float scale = 1.0f;
 };
 
-// Device scratch for these sizes (never 0).
+// Device scratch for these sizes (never 0), as in MorphKvScoringArgs: it
+// grows with the score rows per (sequence, KV head), W for group-logit-sum
+// and (W-1) * num_heads / num_kv_heads for group-max-prob.
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t window, int64_t max_slots, bool group_max_prob);
+// The same for group-logit-sum, which needs no head count.
 size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
                                   int64_t max_slots);
 
 // victims[s * num_kv_heads + h]: the slot to evict for sequence s and KV
-// head h, or -1 when it has no candidate. q: bf16, row r of sequence s is
-// [num_heads][head_dim] at q + s * q_seq_stride + r * q_row_stride. scores,
+// head h, or -1 when it has no candidate. q: the rings, bf16; ring row r of
+// sequence s is [num_heads][head_dim] at q + s * q_seq_stride + r *
+// q_row_stride. scores,
 // when not null: f32 [num_seqs][num_kv_heads][scores_stride], the fused
 // score of every slot below num_slots[s] (0 for a non-candidate, as on the
 // CPU), for the first selection's ranking and for tests. scratch:

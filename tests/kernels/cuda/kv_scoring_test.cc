@@ -1,5 +1,6 @@
 // MorphKV's GPU victim choice against the CPU path on the same bf16 values
-// (widened to f32): PagedKeyLogits, MaskedSoftmaxRows and FuseRows from
+// (widened to f32): KvSequence's score rows for either aggregation,
+// PagedKeyLogits, MaskedSoftmaxRows and FuseRows from
 // kernels/cpu/kv_scoring.h, then the lowest candidate with KvSequence's tie
 // rule. Batches of sequences with scrambled block tables and, after the
 // first eviction, scrambled positions; cache slots no sequence holds and
@@ -47,10 +48,12 @@ struct Shape {
   bool scrambled;  // positions differ from slots, as after the first eviction
   int64_t sinks = 0;
   int64_t extra_max_slots = 0;  // max_slots beyond the largest sequence
+  bool group_max_prob = false;
 };
 
-// "c_1_17_w8_bs16_h8_kv2_d128_sum_scrambled", plus "_sinks<N>" and
-// "_max<N>": the test's name and its parameter as ctest shows it.
+// "c_1_17_w8_bs16_h8_kv2_d128_sum_scrambled", plus "_sinks<N>",
+// "_max<N>" and "_maxprob": the test's name and its parameter as ctest
+// shows it.
 std::string Describe(const Shape& s) {
   std::string name = "c";
   for (int32_t c : s.candidates) absl::StrAppend(&name, "_", c);
@@ -59,6 +62,7 @@ std::string Describe(const Shape& s) {
                   s.scrambled ? "_scrambled" : "_aligned");
   if (s.sinks > 0) absl::StrAppend(&name, "_sinks", s.sinks);
   if (s.extra_max_slots > 0) absl::StrAppend(&name, "_max", s.extra_max_slots);
+  if (s.group_max_prob) absl::StrAppend(&name, "_maxprob");
   return name;
 }
 void PrintTo(const Shape& s, std::ostream* os) { *os << Describe(s); }
@@ -67,7 +71,7 @@ std::string ShapeName(const ::testing::TestParamInfo<Shape>& info) { return Desc
 // One launch's inputs on the host, in the kernel's layout.
 struct Case {
   int64_t num_seqs, window, block_size, num_heads, num_kv_heads, head_dim, sinks, max_slots;
-  bool max_fusion;
+  bool max_fusion, group_max_prob;
   float scale;
   std::vector<int32_t> tables;
   int64_t table_stride;
@@ -87,10 +91,12 @@ struct Case {
     const int32_t p = Position(seq, kv_head, slot);
     return p >= sinks && p < recent_from[seq];
   }
-  // Element e of query head `head` in window row r of sequence `seq`.
+  // Element e of query head `head` in ring row r of sequence `seq`.
   size_t QueryAt(int64_t seq, int64_t r, int64_t head, int64_t e) const {
     return seq * q_seq_stride + r * q_row_stride + head * head_dim + e;
   }
+  // The ring row holding the query of `position`, as in KvSequence.
+  int64_t RingRow(int64_t position) const { return (position % window + window) % window; }
   size_t KeyAt(int64_t seq, int64_t kv_head, int64_t slot) const {
     const int64_t block = tables[seq * table_stride + slot / block_size];
     return ((block * num_kv_heads + kv_head) * block_size + slot % block_size) * head_dim;
@@ -111,6 +117,7 @@ Case MakeCase(const Shape& s, std::mt19937& rng) {
   c.head_dim = s.head_dim;
   c.sinks = s.sinks;
   c.max_fusion = s.max_fusion;
+  c.group_max_prob = s.group_max_prob;
   c.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   int64_t longest = 0;
   for (int32_t cand : s.candidates) {
@@ -159,8 +166,10 @@ Case MakeCase(const Shape& s, std::mt19937& rng) {
       }
     }
   }
-  // Window rows inside fused QKV rows, sequences a head apart; only the
-  // query heads hold numbers.
+  // Ring rows inside fused QKV rows, sequences a head apart; only the
+  // query heads hold numbers. Group-max-prob leaves out the ring row of
+  // t - W, which holds a query all the same (a NaN row would vanish in its
+  // max over heads, so reading it would not show).
   c.q_row_stride = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
   c.q_seq_stride = s.window * c.q_row_stride + s.head_dim;
   c.q.assign(c.num_seqs * c.q_seq_stride, 0xffff);
@@ -179,6 +188,35 @@ struct Result {
   int64_t scores_stride = 0;
 };
 
+// KvSequence::MorphKvRows: the score rows' queries, [rows][head_dim].
+// Group-logit-sum: per position t-W .. t-1 (t the next token), the sum of
+// the group's heads. Group-max-prob: per position t-W+1 .. t-1, each head.
+std::vector<float> ScoreRows(const Case& c, const std::vector<float>& q_f, int64_t seq,
+                             int64_t kv_head) {
+  const int64_t d = c.head_dim;
+  const int64_t t = c.recent_from[seq] + c.window;
+  std::vector<float> rows;
+  if (!c.group_max_prob) {
+    rows.assign(c.window * d, 0.0f);
+    for (int64_t r = 0; r < c.window; ++r) {
+      for (int64_t g = 0; g < c.Group(); ++g) {
+        for (int64_t e = 0; e < d; ++e) {
+          rows[r * d + e] +=
+              q_f[c.QueryAt(seq, c.RingRow(t - c.window + r), kv_head * c.Group() + g, e)];
+        }
+      }
+    }
+    return rows;
+  }
+  for (int64_t position = t - c.window + 1; position < t; ++position) {
+    for (int64_t g = 0; g < c.Group(); ++g) {
+      const size_t at = c.QueryAt(seq, c.RingRow(position), kv_head * c.Group() + g, 0);
+      rows.insert(rows.end(), q_f.begin() + at, q_f.begin() + at + d);
+    }
+  }
+  return rows;
+}
+
 // What KvSequence computes for each (sequence, KV head).
 Result RunCpu(const Case& c) {
   const std::vector<float> k_f = Bf16ToF32(c.k_cache);
@@ -190,23 +228,19 @@ Result RunCpu(const Case& c) {
   for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
     const int64_t n = c.num_slots[seq];
     for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-      std::vector<float> rows(c.window * d, 0.0f);
-      for (int64_t r = 0; r < c.window; ++r) {
-        for (int64_t g = 0; g < c.Group(); ++g) {
-          for (int64_t e = 0; e < d; ++e) {
-            rows[r * d + e] += q_f[c.QueryAt(seq, r, h * c.Group() + g, e)];
-          }
-        }
-      }
+      const std::vector<float> rows = ScoreRows(c, q_f, seq, h);
+      const int64_t num_rows = static_cast<int64_t>(rows.size()) / d;
       const kernels::PagedKeys keys{
           k_f.data(), &c.tables[seq * c.table_stride], c.block_size, c.num_kv_heads, h, d, n};
-      std::vector<float> logits(c.window * n);
-      kernels::PagedKeyLogits(keys, rows.data(), d, c.window, c.scale, logits.data(), n);
+      std::vector<float> logits(num_rows * n);
+      kernels::PagedKeyLogits(keys, rows.data(), d, num_rows, c.scale, logits.data(), n);
       std::vector<uint8_t> mask(n);
       for (int64_t j = 0; j < n; ++j) mask[j] = c.Candidate(seq, h, j);
-      kernels::MaskedSoftmaxRows(logits.data(), c.window, n, n, mask.data(), nullptr);
+      kernels::MaskedSoftmaxRows(logits.data(), num_rows, n, n, mask.data(), nullptr);
       float* scores = &out.scores[(seq * c.num_kv_heads + h) * c.max_slots];
-      kernels::FuseRows(logits.data(), c.window, 1, n, n, c.max_fusion, scores);
+      // Group-max-prob: each position's G heads by max first.
+      kernels::FuseRows(logits.data(), num_rows, c.group_max_prob ? c.Group() : 1, n, n,
+                        c.max_fusion, scores);
       int32_t victim = -1;
       for (int64_t j = 0; j < n; ++j) {
         if (!mask[j]) continue;
@@ -238,7 +272,8 @@ absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stre
   ASSIGN_OR_RETURN(DeviceBuffer d_scores,
                    Poisoned<float>(with_scores ? units * out.scores_stride : 0));
   ASSIGN_OR_RETURN(DeviceBuffer d_scratch, Poisoned<uint8_t>(MorphKvScoringScratchBytes(
-                                               c.num_seqs, c.num_kv_heads, c.window, c.max_slots)));
+                                               c.num_seqs, c.num_heads, c.num_kv_heads, c.window,
+                                               c.max_slots, c.group_max_prob)));
   MorphKvScoringArgs args;
   args.k_cache = d_k.as<__nv_bfloat16>();
   args.block_tables = d_tables.as<int32_t>();
@@ -256,6 +291,7 @@ absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stre
   args.head_dim = c.head_dim;
   args.window = c.window;
   args.max_fusion = c.max_fusion;
+  args.group_max_prob = c.group_max_prob;
   args.scale = c.scale;
   RETURN_IF_ERROR(MorphKvSelectVictims(
       args, d_q.as<__nv_bfloat16>(), c.q_seq_stride, c.q_row_stride, d_victims.as<int32_t>(),
@@ -332,11 +368,32 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MorphKvScoringCudaTest,
                                            Shape{{0, 40}, 32, 16, 4, 4, 128, true, true}),
                          ShapeName);
 
+// Group-max-prob: (W-1) * G score rows, so mostly shorter windows. Groups 1,
+// 3, 4, 8 and 40 (over a row chunk, so a position's heads span chunks);
+// 40 rows of G = 8 and 33 of G = 3 take two chunks; W = 1 has no rows at
+// all; the rest as above.
+INSTANTIATE_TEST_SUITE_P(
+    GroupMaxProb, MorphKvScoringCudaTest,
+    ::testing::Values(Shape{{1}, 2, 16, 1, 1, 64, false, false, 0, 0, true},
+                      Shape{{17}, 5, 7, 3, 1, 64, true, true, 0, 0, true},
+                      Shape{{1, 17, 0}, 8, 16, 8, 2, 128, false, true, 0, 0, true},
+                      Shape{{1030, 5}, 6, 16, 16, 2, 128, true, false, 0, 0, true},
+                      Shape{{1100}, 3, 1, 4, 1, 64, false, true, 0, 0, true},
+                      Shape{{1030}, 4, 7, 8, 1, 128, true, true, 0, 0, true},
+                      Shape{{700, 300}, 12, 7, 12, 4, 128, false, true, 4, 0, true},
+                      Shape{{513, 17}, 5, 16, 24, 3, 64, true, true, 0, 300, true},
+                      Shape{{300}, 2, 16, 8, 1, 256, false, false, 0, 0, true},
+                      Shape{{40}, 1, 7, 6, 2, 128, true, true, 2, 0, true},
+                      Shape{{0, 40}, 3, 16, 80, 2, 64, true, true, 0, 0, true},
+                      Shape{{17, 300}, 3, 16, 40, 1, 128, false, true, 0, 0, true}),
+    ShapeName);
+
 class MorphKvTieCudaTest : public testing::CudaTest {};
 
 // Three candidates share one key, far from every window query, so their
-// scores are bit-identical and the lowest: the victim is whichever holds
-// the smallest position, within a partition and across partitions.
+// scores are bit-identical and the lowest under either aggregation: the
+// victim is whichever holds the smallest position, within a partition and
+// across partitions.
 TEST_F(MorphKvTieCudaTest, OlderTokenGoesFirstOnExactTie) {
   const Shape s{{600}, 3, 7, 8, 2, 64, false, true};
   std::mt19937 rng(99);
@@ -369,33 +426,37 @@ TEST_F(MorphKvTieCudaTest, OlderTokenGoesFirstOnExactTie) {
     for (int64_t slot : tied[h]) std::copy(key.begin(), key.end(), &c.k_cache[c.KeyAt(0, h, slot)]);
   }
 
-  for (const bool max_fusion : {false, true}) {
-    c.max_fusion = max_fusion;
-    // Each tied slot in turn gets the smallest of the three positions.
-    for (int turn = 0; turn < 3; ++turn) {
-      for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-        int32_t* pos[3];
-        for (int i = 0; i < 3; ++i) pos[i] = &c.positions[h * c.positions_stride + tied[h][i]];
-        std::sort(pos, pos + 3, [](const int32_t* a, const int32_t* b) { return *a < *b; });
-        std::vector<int32_t> values = {*pos[0], *pos[1], *pos[2]};
-        for (int i = 0; i < 3; ++i) {
-          c.positions[h * c.positions_stride + tied[h][(turn + i) % 3]] = values[i];
-        }
-      }
-      ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_));
-      for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-        const float* scores = &got.scores[h * got.scores_stride];
-        const float tie = scores[tied[h][0]];
-        EXPECT_EQ(scores[tied[h][1]], tie) << "KV head " << h;
-        EXPECT_EQ(scores[tied[h][2]], tie) << "KV head " << h;
-        for (int64_t j = 0; j < c.num_slots[0]; ++j) {
-          if (c.Candidate(0, h, j) &&
-              std::find(tied[h].begin(), tied[h].end(), j) == tied[h].end()) {
-            ASSERT_GT(scores[j], tie) << "KV head " << h << ", slot " << j;
+  for (const bool group_max_prob : {false, true}) {
+    c.group_max_prob = group_max_prob;
+    for (const bool max_fusion : {false, true}) {
+      c.max_fusion = max_fusion;
+      // Each tied slot in turn gets the smallest of the three positions.
+      for (int turn = 0; turn < 3; ++turn) {
+        for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+          int32_t* pos[3];
+          for (int i = 0; i < 3; ++i) pos[i] = &c.positions[h * c.positions_stride + tied[h][i]];
+          std::sort(pos, pos + 3, [](const int32_t* a, const int32_t* b) { return *a < *b; });
+          std::vector<int32_t> values = {*pos[0], *pos[1], *pos[2]};
+          for (int i = 0; i < 3; ++i) {
+            c.positions[h * c.positions_stride + tied[h][(turn + i) % 3]] = values[i];
           }
         }
-        EXPECT_EQ(got.victims[h], tied[h][turn])
-            << "KV head " << h << ", fusion " << (max_fusion ? "max" : "sum");
+        ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_));
+        for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+          const float* scores = &got.scores[h * got.scores_stride];
+          const float tie = scores[tied[h][0]];
+          EXPECT_EQ(scores[tied[h][1]], tie) << "KV head " << h;
+          EXPECT_EQ(scores[tied[h][2]], tie) << "KV head " << h;
+          for (int64_t j = 0; j < c.num_slots[0]; ++j) {
+            if (c.Candidate(0, h, j) &&
+                std::find(tied[h].begin(), tied[h].end(), j) == tied[h].end()) {
+              ASSERT_GT(scores[j], tie) << "KV head " << h << ", slot " << j;
+            }
+          }
+          EXPECT_EQ(got.victims[h], tied[h][turn])
+              << "KV head " << h << ", fusion " << (max_fusion ? "max" : "sum")
+              << (group_max_prob ? ", group-max-prob" : "");
+        }
       }
     }
   }
@@ -440,6 +501,11 @@ TEST(MorphKvScoringArgsTest, RejectsBadShapesWithoutLaunching) {
   EXPECT_EQ(code(good, 8 * 128 - 1, 100, scratch), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(good, 8 * 128, 99, scratch), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(code(good, 8 * 128, 100, nullptr), absl::StatusCode::kInvalidArgument);
+  // Group-max-prob scores (W-1) * G rows: at most 2^20.
+  a = good;
+  a.group_max_prob = true;
+  a.window = (1 << 18) + 2;
+  EXPECT_EQ(code(a, 8 * 128, 100, scratch), absl::StatusCode::kInvalidArgument);
   a = good;
   a.num_seqs = 0;
   EXPECT_TRUE(
@@ -454,6 +520,15 @@ TEST(MorphKvScoringArgsTest, ScratchPerPartition) {
   EXPECT_EQ(MorphKvScoringScratchBytes(4, 2, 8, 2 * kScoringPartitionSize + 1),
             4u * 2 * 3 * (2 * 8 + 3) * sizeof(float));
   EXPECT_GT(MorphKvScoringScratchBytes(0, 2, 8, 0), 0u);
+  // Group-logit-sum needs no head count.
+  EXPECT_EQ(MorphKvScoringScratchBytes(4, 8, 2, 8, kScoringPartitionSize, false),
+            MorphKvScoringScratchBytes(4, 2, 8, kScoringPartitionSize));
+  // Group-max-prob: (W-1) * G row maxima and exp sums, none for W = 1.
+  EXPECT_EQ(MorphKvScoringScratchBytes(4, 8, 2, 8, kScoringPartitionSize, true),
+            4u * 2 * (2 * 7 * 4 + 3) * sizeof(float));
+  EXPECT_EQ(MorphKvScoringScratchBytes(4, 8, 2, 1, 2 * kScoringPartitionSize + 1, true),
+            4u * 2 * 3 * 3 * sizeof(float));
+  EXPECT_GT(MorphKvScoringScratchBytes(0, 8, 2, 8, 0, true), 0u);
 }
 
 }  // namespace
