@@ -16,13 +16,8 @@ namespace morphserve::engine {
 
 namespace kc = kernels::cuda;
 
-absl::Status CudaBackend::RunsPolicy(const KvPolicyConfig& policy) {
-  if (policy.kind == KvPolicyKind::kMorphKv &&
-      policy.aggregation != MorphKvAggregation::kGroupLogitSum) {
-    return absl::UnimplementedError(
-        "kv aggregation 'group-max-prob' does not run on --device cuda yet; use "
-        "group-logit-sum or --device cpu");
-  }
+absl::Status CudaBackend::RunsPolicy(const KvPolicyConfig&) {
+  // Every policy and aggregation has its device kernels.
   return absl::OkStatus();
 }
 
@@ -111,8 +106,9 @@ absl::Status CudaBackend::ReservePolicyScratch() {
       scratch = kc::H2oAccumulateScratchBytes(1, c.num_heads, p.n, p.slots);
     }
     if (p.evict && config.kind == KvPolicyKind::kMorphKv) {
-      scratch = std::max(scratch,
-                         kc::MorphKvScoringScratchBytes(1, kv_heads, config.window, p.slots));
+      scratch = std::max(scratch, kc::MorphKvScoringScratchBytes(
+                                      1, c.num_heads, kv_heads, config.window, p.slots,
+                                      config.aggregation == MorphKvAggregation::kGroupMaxProb));
     }
     if (p.snap) {
       scratch = std::max(scratch, kc::SnapKvScoresScratchBytes(1, c.num_heads, kv_heads,
@@ -223,6 +219,7 @@ absl::Status CudaBackend::RunPolicies(int64_t layer, __nv_bfloat16* k_cache,
       score.head_dim = c.head_dim;
       score.window = config.window;
       score.max_fusion = config.fusion == KvFusion::kMax;
+      score.group_max_prob = config.aggregation == MorphKvAggregation::kGroupMaxProb;
       score.scale = scale;
       // In steady state the scorer picks the victims itself; the first
       // selection ranks its scores.

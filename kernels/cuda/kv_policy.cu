@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kThreads) RowSumKernel(const SumParams p) {
 #pragma unroll
       for (int r = 0; r < kRowChunk; ++r) {
         if (valid && r < rows && r % kRowThreads == lane_in_row && start + j < len[r]) {
-          part += expf(logits[r] - row_max[r]) * row_inv[r];
+          part += internal::Probability(logits[r], row_max[r], row_inv[r]);
         }
       }
       part = internal::WarpSum<kRowThreads>(part);

@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
 #pragma unroll
         for (int r = 0; r < kRowChunk; ++r) {
           if (candidate && r < rows && r % kRowThreads == lane_in_row) {
-            const float prob = expf(logits[r] - row_max[r]) * row_inv[r];
+            const float prob = internal::Probability(logits[r], row_max[r], row_inv[r]);
             part = p.max_fusion ? fmaxf(part, prob) : part + prob;
           }
         }
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
 #pragma unroll
         for (int r = 0; r < kRowChunk; ++r) {
           if (candidate && r < rows && ring_row[r] % kRowThreads == lane_in_row) {
-            const float prob = expf(logits[r] - row_max[r]) * row_inv[r];
+            const float prob = internal::Probability(logits[r], row_max[r], row_inv[r]);
             if (!split && ring_row[r] != current) {
               part = Fuse(p, part, head_max);
               head_max = 0.0f;

@@ -45,6 +45,14 @@ __device__ __forceinline__ void ChunkLogits(const __nv_bfloat16* key, int dim0, 
   }
 }
 
+// A softmax probability, exp(logit - row_max) * inv_sum, with exp taken as
+// the CPU path takes it (kernels/cpu: exactly 0 below -87), so that the
+// far tail ties at 0 on both sides instead of ranking by subnormals.
+__device__ __forceinline__ float Probability(float logit, float row_max, float inv_sum) {
+  const float x = logit - row_max;
+  return x < -87.0f ? 0.0f : expf(x) * inv_sum;
+}
+
 // An exp sum taken relative to `local_max`, made relative to `global_max`;
 // 0 for a part with no entry (sum 0, local_max -inf).
 __device__ __forceinline__ float Rescaled(float sum, float local_max, float global_max) {
