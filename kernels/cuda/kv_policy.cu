@@ -426,6 +426,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     LowestCandidateKernel(const CandidateParams p, int32_t* victims) {
   const int kv_head = static_cast<int>(blockIdx.x);
   const int seq = static_cast<int>(blockIdx.y);
+  if (p.num_slots[seq] <= 0) return;  // left alone
   const int64_t unit = static_cast<int64_t>(seq) * p.num_kv_heads + kv_head;
   const int slots = Clamp(p.num_slots[seq], p.max_slots);
   const int recent_from = p.recent_from[seq];
@@ -466,11 +467,9 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid % kWarpSize;
   const int warp = tid / kWarpSize;
+  // Left alone but for the count, which tells CompactKv to skip it.
   if (p.num_slots[seq] <= 0) {
-    if (tid == 0) {
-      keep_counts[unit] = -1;
-      if (victims != nullptr) victims[unit] = -1;
-    }
+    if (tid == 0) keep_counts[unit] = -1;
     return;
   }
   const int slots = min(p.num_slots[seq], p.max_slots);

@@ -116,8 +116,11 @@ absl::Status H2oAccumulate(const H2oAccumulateArgs& args, const __nv_bfloat16* q
 // Candidates: the steady-state victim, and the first selection's ranking.
 
 struct CandidateArgs {
-  // int32 [num_seqs]: slots [0, num_slots[s]) are held; 0 for a sequence to
-  // leave alone.
+  // int32 [num_seqs]: slots [0, num_slots[s]) are held. num_slots[s] <= 0:
+  // the sequence is left alone; nothing of it is written, except
+  // SelectKeepLists' keep_counts -1. So one launch may serve some
+  // sequences of a batch and another launch the rest, into the same
+  // victims.
   const int32_t* num_slots = nullptr;
   // int32 [num_seqs]: the first position of the recent window, which is
   // never a candidate (t - W for the next token t; SnapKV: L - its window).
@@ -131,7 +134,8 @@ struct CandidateArgs {
 };
 
 // victims[s * num_kv_heads + h]: the candidate slot with the lowest score,
-// the smaller position on a tie; -1 when there is no candidate. scores: f32
+// the smaller position on a tie; -1 when sequence s has slots but no
+// candidate; left as it was when num_slots[s] <= 0. scores: f32
 // [num_seqs][num_kv_heads][scores_stride], or null for all-equal scores (the
 // oldest candidate goes: streaming).
 absl::Status SelectLowestCandidates(const CandidateArgs& args, const float* scores,
@@ -145,10 +149,11 @@ absl::Status SelectLowestCandidates(const CandidateArgs& args, const float* scor
 //   victims (may be null): the index in that list of the lowest kept
 //     candidate, which is the slot the next token overwrites; -1 when no
 //     candidate is kept.
-// A sequence with num_slots[s] <= 0 gets keep_counts -1 and victims -1 and
-// nothing else. Scores as in SelectLowestCandidates (null ranks by
-// position: streaming keeps its newest candidates). The ranking is exact
-// (a radix select on (score, position)), one thread block per (s, h).
+// A sequence with num_slots[s] <= 0 gets keep_counts -1 (CompactKv skips
+// it) and nothing else: its victims and keep lists are left as they were.
+// Scores as in SelectLowestCandidates (null ranks by position: streaming
+// keeps its newest candidates). The ranking is exact (a radix select on
+// (score, position)), one thread block per (s, h).
 absl::Status SelectKeepLists(const CandidateArgs& args, const int32_t* keep, const float* scores,
                              int64_t scores_stride, int32_t* keep_lists, int64_t keep_stride,
                              int32_t* keep_counts, int32_t* victims, cudaStream_t stream);

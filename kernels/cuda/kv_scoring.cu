@@ -352,10 +352,11 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
 }
 
 // Pass c. Grid: (KV head, sequence), one warp: the lowest of the
-// partitions' candidates.
+// partitions' candidates. A sequence without slots is left alone.
 __global__ void __launch_bounds__(internal::kWarpSize) VictimKernel(const Params p) {
   const int kv_head = static_cast<int>(blockIdx.x);
   const int seq = static_cast<int>(blockIdx.y);
+  if (p.num_slots[seq] <= 0) return;
   const int partitions = NumPartitions(NumSlots(p, seq));
   const int64_t unit = Unit(p, seq, kv_head);
   const int64_t base = unit * p.max_partitions;

@@ -70,7 +70,9 @@ struct MorphKvScoringArgs {
   const int32_t* block_tables = nullptr;
   int64_t block_table_stride = 0;
   // int32 [num_seqs]: sequence s holds slots [0, num_slots[s]) (cut to
-  // max_slots); 0 for a sequence that evicts nothing this step.
+  // max_slots). num_slots[s] <= 0: the sequence is left alone (it evicts
+  // nothing in this launch); nothing of it is written, neither victims nor
+  // scores, so another launch may fill its entries of the same arrays.
   const int32_t* num_slots = nullptr;
   // int32 [num_seqs]: the first position of the recent window, t - W for
   // the next token t; it and later positions are never candidates.
@@ -108,9 +110,9 @@ size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_
                                   int64_t max_slots);
 
 // victims[s * num_kv_heads + h]: the slot to evict for sequence s and KV
-// head h, or -1 when it has no candidate. q: the rings, bf16; ring row r of
-// sequence s is [num_heads][head_dim] at q + s * q_seq_stride + r *
-// q_row_stride. scores,
+// head h, or -1 when it has slots but no candidate; left as it was when
+// num_slots[s] <= 0. q: the rings, bf16; ring row r of sequence s is
+// [num_heads][head_dim] at q + s * q_seq_stride + r * q_row_stride. scores,
 // when not null: f32 [num_seqs][num_kv_heads][scores_stride], the fused
 // score of every slot below num_slots[s] (0 for a non-candidate, as on the
 // CPU), for the first selection's ranking and for tests. scratch:

@@ -529,50 +529,39 @@ CandidateArgs DeviceArgs(const CandidateCase& c, const DeviceBuffer& slots,
   return a;
 }
 
-class CandidateCudaTest : public testing::CudaTest,
-                          public ::testing::WithParamInterface<CandidateShape> {};
+// What a sequence left alone (num_slots <= 0) finds in its victims after a
+// launch: what they held before, never written.
+constexpr int32_t kUntouched = 12345;
 
-TEST_P(CandidateCudaTest, LowestCandidateMatchesKvSequenceTieRule) {
-  const CandidateShape& s = GetParam();
-  std::mt19937 rng(static_cast<uint32_t>(s.slots[0] * 3 + s.num_kv_heads + s.sinks));
-  const CandidateCase c = MakeCandidateCase(s, rng);
-
+// KvSequence::SelectVictim in steady state: per (s, h) the lowest
+// candidate, the older on a tie; -1 without candidates, kUntouched for a
+// sequence left alone.
+std::vector<int32_t> WantLowest(const CandidateCase& c) {
   std::vector<int32_t> want;
   for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
     for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-      int32_t victim = -1;
+      int32_t victim = c.slots[seq] <= 0 ? kUntouched : -1;
       for (int32_t j = 0; j < c.slots[seq]; ++j) {
         if (c.Candidate(seq, h, j) && (victim < 0 || c.Better(seq, h, victim, j))) victim = j;
       }
       want.push_back(victim);
     }
   }
-
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_slots, Upload(c.slots));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_recent, Upload(c.recent_from));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_positions, Upload(c.positions));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_scores, Upload(c.scores));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_victims, Poisoned<int32_t>(want.size()));
-  ASSERT_OK(SelectLowestCandidates(DeviceArgs(c, d_slots, d_recent, d_positions),
-                                   d_scores.as<float>(), c.scores_stride, d_victims.as<int32_t>(),
-                                   stream_));
-  ASSERT_OK(Sync());
-  ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> got, d_victims.ToHost<int32_t>());
-  EXPECT_EQ(got, want);
+  return want;
 }
 
-TEST_P(CandidateCudaTest, KeepListsMatchKvSequenceFirstSelection) {
-  const CandidateShape& s = GetParam();
-  std::mt19937 rng(static_cast<uint32_t>(s.slots[0] * 5 + s.num_kv_heads + s.sinks));
-  const CandidateCase c = MakeCandidateCase(s, rng);
-  const int64_t keep_stride = c.max_slots + 1;
-  const size_t units = c.num_seqs * c.num_kv_heads;
+struct KeepListsWant {
+  std::vector<int32_t> lists, counts, victims;
+};
 
-  // KvSequence::SelectVictim while aligned: the best `keep` candidates and
-  // every other slot, ascending; the victim is the worst kept candidate.
-  std::vector<int32_t> want_lists(units * keep_stride, kPoisonInt);
-  std::vector<int32_t> want_counts(units, -1);
-  std::vector<int32_t> want_victims(units, -1);
+// KvSequence::SelectVictim while aligned: the best `keep` candidates and
+// every other slot, ascending; the victim is the worst kept candidate's
+// index in the list. A sequence left alone gets count -1, its lists
+// kPoisonInt and its victims kUntouched (neither written).
+KeepListsWant WantKeepLists(const CandidateCase& c, int64_t keep_stride) {
+  const size_t units = c.num_seqs * c.num_kv_heads;
+  KeepListsWant want{std::vector<int32_t>(units * keep_stride, kPoisonInt),
+                     std::vector<int32_t>(units, -1), std::vector<int32_t>(units, kUntouched)};
   for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
     for (int64_t h = 0; h < c.num_kv_heads; ++h) {
       const size_t unit = seq * c.num_kv_heads + h;
@@ -590,24 +579,57 @@ TEST_P(CandidateCudaTest, KeepListsMatchKvSequenceFirstSelection) {
         if (!c.Candidate(seq, h, j)) order.push_back(j);
       }
       std::sort(order.begin(), order.end());
-      std::copy(order.begin(), order.end(), &want_lists[unit * keep_stride]);
-      want_counts[unit] = static_cast<int32_t>(order.size());
-      if (victim >= 0) {
-        want_victims[unit] = static_cast<int32_t>(
-            std::lower_bound(order.begin(), order.end(), victim) - order.begin());
-      }
+      std::copy(order.begin(), order.end(), &want.lists[unit * keep_stride]);
+      want.counts[unit] = static_cast<int32_t>(order.size());
+      want.victims[unit] =
+          victim < 0 ? -1
+                     : static_cast<int32_t>(std::lower_bound(order.begin(), order.end(), victim) -
+                                            order.begin());
     }
   }
+  return want;
+}
+
+class CandidateCudaTest : public testing::CudaTest,
+                          public ::testing::WithParamInterface<CandidateShape> {};
+
+TEST_P(CandidateCudaTest, LowestCandidateMatchesKvSequenceTieRule) {
+  const CandidateShape& s = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(s.slots[0] * 3 + s.num_kv_heads + s.sinks));
+  const CandidateCase c = MakeCandidateCase(s, rng);
+  const std::vector<int32_t> want = WantLowest(c);
+
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_slots, Upload(c.slots));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_recent, Upload(c.recent_from));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_positions, Upload(c.positions));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_scores, Upload(c.scores));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_victims,
+                       Upload(std::vector<int32_t>(want.size(), kUntouched)));
+  ASSERT_OK(SelectLowestCandidates(DeviceArgs(c, d_slots, d_recent, d_positions),
+                                   d_scores.as<float>(), c.scores_stride, d_victims.as<int32_t>(),
+                                   stream_));
+  ASSERT_OK(Sync());
+  ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> got, d_victims.ToHost<int32_t>());
+  EXPECT_EQ(got, want);
+}
+
+TEST_P(CandidateCudaTest, KeepListsMatchKvSequenceFirstSelection) {
+  const CandidateShape& s = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(s.slots[0] * 5 + s.num_kv_heads + s.sinks));
+  const CandidateCase c = MakeCandidateCase(s, rng);
+  const int64_t keep_stride = c.max_slots + 1;
+  const size_t units = c.num_seqs * c.num_kv_heads;
+  const KeepListsWant want = WantKeepLists(c, keep_stride);
 
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_slots, Upload(c.slots));
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_recent, Upload(c.recent_from));
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_positions, Upload(c.positions));
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_scores, Upload(c.scores));
   ASSERT_OK_AND_ASSIGN(DeviceBuffer d_keep, Upload(c.keep));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_lists, DeviceBuffer::Allocate(want_lists.size() * 4));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_lists, DeviceBuffer::Allocate(want.lists.size() * 4));
   ASSERT_OK(d_lists.Fill(0x7f));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_counts, Poisoned<int32_t>(units));
-  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_victims, Poisoned<int32_t>(units));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_counts, Upload(std::vector<int32_t>(units, kPoisonInt)));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_victims, Upload(std::vector<int32_t>(units, kUntouched)));
   const CandidateArgs args = DeviceArgs(c, d_slots, d_recent, d_positions);
   ASSERT_OK(SelectKeepLists(args, d_keep.as<int32_t>(), d_scores.as<float>(), c.scores_stride,
                             d_lists.as<int32_t>(), keep_stride, d_counts.as<int32_t>(),
@@ -616,12 +638,12 @@ TEST_P(CandidateCudaTest, KeepListsMatchKvSequenceFirstSelection) {
   ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> counts, d_counts.ToHost<int32_t>());
   ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> victims, d_victims.ToHost<int32_t>());
   ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> lists, d_lists.ToHost<int32_t>());
-  EXPECT_EQ(counts, want_counts);
-  EXPECT_EQ(victims, want_victims);
+  EXPECT_EQ(counts, want.counts);
+  EXPECT_EQ(victims, want.victims);
   for (size_t unit = 0; unit < units; ++unit) {
     EXPECT_TRUE(std::equal(lists.begin() + unit * keep_stride,
                            lists.begin() + (unit + 1) * keep_stride,
-                           want_lists.begin() + unit * keep_stride))
+                           want.lists.begin() + unit * keep_stride))
         << "sequence " << unit / c.num_kv_heads << ", KV head " << unit % c.num_kv_heads;
   }
 
@@ -651,6 +673,68 @@ INSTANTIATE_TEST_SUITE_P(
                       CandidateShape{{3000}, {2999}, 1, true, 0, CandidateShape::kTied},
                       CandidateShape{{2}, {1}, 2, false, 2, CandidateShape::kTied}),
     CandidateName);
+
+class CandidateSlabCudaTest : public testing::CudaTest {};
+
+// One batch, two launches into one victims array: the first selection
+// (SelectKeepLists) for some sequences, the steady state
+// (SelectLowestCandidates) for the others, each launch seeing num_slots 0
+// or below for the sequences it does not serve. Each launch leaves the
+// other's victims alone, so after both every sequence holds its own
+// answer; after the first, the second's still hold kUntouched.
+TEST_F(CandidateSlabCudaTest, TwoLaunchesFillOneVictimsArray) {
+  const CandidateShape s{{40, 30, 17, 25, 9, 12}, {10, 12, 4, 0, 3, 2}, 2, true, 1,
+                         CandidateShape::kSpread};
+  std::mt19937 rng(2024);
+  const CandidateCase c = MakeCandidateCase(s, rng);
+  const std::vector<bool> first_selection = {true, false, true, true, false, false};
+  CandidateCase first = c;
+  CandidateCase steady = c;
+  for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
+    // 0 and a negative count alike leave a sequence alone.
+    (first_selection[seq] ? steady : first).slots[seq] = seq % 2 == 0 ? 0 : -2;
+  }
+  const int64_t keep_stride = c.max_slots + 1;
+  const size_t units = c.num_seqs * c.num_kv_heads;
+  const KeepListsWant want_first = WantKeepLists(first, keep_stride);
+  const std::vector<int32_t> want_steady = WantLowest(steady);
+  std::vector<int32_t> want_both(units);
+  for (size_t unit = 0; unit < units; ++unit) {
+    want_both[unit] =
+        first_selection[unit / c.num_kv_heads] ? want_first.victims[unit] : want_steady[unit];
+    ASSERT_NE(want_both[unit], kUntouched);
+  }
+
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_first_slots, Upload(first.slots));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_steady_slots, Upload(steady.slots));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_recent, Upload(c.recent_from));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_positions, Upload(c.positions));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_scores, Upload(c.scores));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_keep, Upload(c.keep));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_lists, DeviceBuffer::Allocate(want_first.lists.size() * 4));
+  ASSERT_OK(d_lists.Fill(0x7f));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_counts, Upload(std::vector<int32_t>(units, kPoisonInt)));
+  ASSERT_OK_AND_ASSIGN(DeviceBuffer d_victims, Upload(std::vector<int32_t>(units, kUntouched)));
+
+  ASSERT_OK(SelectKeepLists(DeviceArgs(first, d_first_slots, d_recent, d_positions),
+                            d_keep.as<int32_t>(), d_scores.as<float>(), c.scores_stride,
+                            d_lists.as<int32_t>(), keep_stride, d_counts.as<int32_t>(),
+                            d_victims.as<int32_t>(), stream_));
+  ASSERT_OK(Sync());
+  ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> counts, d_counts.ToHost<int32_t>());
+  ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> lists, d_lists.ToHost<int32_t>());
+  ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> after_first, d_victims.ToHost<int32_t>());
+  EXPECT_EQ(counts, want_first.counts);
+  EXPECT_EQ(lists, want_first.lists);
+  EXPECT_EQ(after_first, want_first.victims);
+
+  ASSERT_OK(SelectLowestCandidates(DeviceArgs(steady, d_steady_slots, d_recent, d_positions),
+                                   d_scores.as<float>(), c.scores_stride, d_victims.as<int32_t>(),
+                                   stream_));
+  ASSERT_OK(Sync());
+  ASSERT_OK_AND_ASSIGN(const std::vector<int32_t> after_both, d_victims.ToHost<int32_t>());
+  EXPECT_EQ(after_both, want_both);
+}
 
 // ---------------------------------------------------------------------------
 // Compaction.

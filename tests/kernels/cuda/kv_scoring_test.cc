@@ -182,6 +182,10 @@ Case MakeCase(const Shape& s, std::mt19937& rng) {
   return c;
 }
 
+// What the GPU's victims hold before a launch, and after it where nothing
+// was written (four 0x7f bytes: no valid answer).
+constexpr int32_t kUnwritten = 0x7f7f7f7f;
+
 struct Result {
   std::vector<int32_t> victims;  // [seq][kv_head]
   std::vector<float> scores;     // [seq][kv_head][scores_stride]
@@ -227,6 +231,11 @@ Result RunCpu(const Case& c) {
   out.scores.assign(c.num_seqs * c.num_kv_heads * c.max_slots, 0.0f);
   for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
     const int64_t n = c.num_slots[seq];
+    if (n <= 0) {
+      // Left alone: the GPU writes nothing of it.
+      out.victims.insert(out.victims.end(), c.num_kv_heads, kUnwritten);
+      continue;
+    }
     for (int64_t h = 0; h < c.num_kv_heads; ++h) {
       const std::vector<float> rows = ScoreRows(c, q_f, seq, h);
       const int64_t num_rows = static_cast<int64_t>(rows.size()) / d;
@@ -255,8 +264,8 @@ Result RunCpu(const Case& c) {
   return out;
 }
 
-// The GPU's answer, from poisoned outputs: victims start as 0x7f7f7f7f (no
-// valid answer), scores as NaN; scores only when `with_scores`.
+// The GPU's answer, from poisoned outputs: victims start as kUnwritten,
+// scores as NaN; scores only when `with_scores`.
 absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stream) {
   ASSIGN_OR_RETURN(DeviceBuffer d_k, Upload(c.k_cache));
   ASSIGN_OR_RETURN(DeviceBuffer d_tables, Upload(c.tables));
@@ -302,6 +311,45 @@ absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stre
   return out;
 }
 
+// Sequence s of the GPU's answer against the CPU's: scores to within the
+// tolerances and nothing past its slots written; the same victim, or one
+// the CPU scores as low. A sequence left alone keeps kUnwritten victims
+// and NaN scores.
+void ExpectSequenceMatches(const Case& c, const Result& want, const Result& got, int64_t seq,
+                           const std::string& label) {
+  const int64_t n = std::max<int64_t>(c.num_slots[seq], 0);
+  for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+    const std::string where = absl::StrCat("sequence ", seq, ", KV head ", h, ", ", label);
+    const std::span<const float> got_scores(
+        &got.scores[(seq * c.num_kv_heads + h) * got.scores_stride], got.scores_stride);
+    // Nothing past the sequence's slots is written.
+    EXPECT_TRUE(std::all_of(got_scores.begin() + n, got_scores.end(), [](float x) {
+      return std::isnan(x);
+    })) << where;
+    const int32_t want_victim = want.victims[seq * c.num_kv_heads + h];
+    const int32_t got_victim = got.victims[seq * c.num_kv_heads + h];
+    if (n == 0) {
+      EXPECT_EQ(got_victim, kUnwritten) << where;
+      continue;
+    }
+    const std::span<const float> want_scores(
+        &want.scores[(seq * c.num_kv_heads + h) * want.scores_stride], n);
+    EXPECT_TRUE(AllClose(got_scores.first(n), want_scores, kScoreAbsTol, kScoreRelTol)) << where;
+    if (want_victim < 0 || got_victim == want_victim) {
+      EXPECT_EQ(got_victim, want_victim) << where;
+      continue;
+    }
+    // Another candidate is fine only if the CPU scores it as low, to
+    // within the scores' tolerance.
+    ASSERT_GE(got_victim, 0) << where;
+    ASSERT_LT(got_victim, n) << where;
+    EXPECT_TRUE(c.Candidate(seq, h, got_victim)) << where << ": victim " << got_victim;
+    const double tol = kScoreAbsTol + kScoreRelTol * want_scores[want_victim];
+    EXPECT_LE(want_scores[got_victim], want_scores[want_victim] + tol)
+        << where << ": victim " << got_victim << " instead of " << want_victim;
+  }
+}
+
 class MorphKvScoringCudaTest : public testing::CudaTest,
                                public ::testing::WithParamInterface<Shape> {};
 
@@ -314,35 +362,7 @@ TEST_P(MorphKvScoringCudaTest, MatchesCpuReference) {
   ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_));
 
   for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
-    const int64_t n = c.num_slots[seq];
-    for (int64_t h = 0; h < c.num_kv_heads; ++h) {
-      const std::string where =
-          absl::StrCat("sequence ", seq, ", KV head ", h, ", ", s.candidates[seq], " candidates");
-      const std::span<const float> got_scores(
-          &got.scores[(seq * c.num_kv_heads + h) * got.scores_stride], got.scores_stride);
-      const std::span<const float> want_scores(
-          &want.scores[(seq * c.num_kv_heads + h) * want.scores_stride], n);
-      EXPECT_TRUE(AllClose(got_scores.first(n), want_scores, kScoreAbsTol, kScoreRelTol)) << where;
-      // Nothing past the sequence's slots is written.
-      EXPECT_TRUE(std::all_of(got_scores.begin() + n, got_scores.end(), [](float x) {
-        return std::isnan(x);
-      })) << where;
-
-      const int32_t want_victim = want.victims[seq * c.num_kv_heads + h];
-      const int32_t got_victim = got.victims[seq * c.num_kv_heads + h];
-      if (want_victim < 0 || got_victim == want_victim) {
-        EXPECT_EQ(got_victim, want_victim) << where;
-        continue;
-      }
-      // Another candidate is fine only if the CPU scores it as low, to
-      // within the scores' tolerance.
-      ASSERT_GE(got_victim, 0) << where;
-      ASSERT_LT(got_victim, n) << where;
-      EXPECT_TRUE(c.Candidate(seq, h, got_victim)) << where << ": victim " << got_victim;
-      const double tol = kScoreAbsTol + kScoreRelTol * want_scores[want_victim];
-      EXPECT_LE(want_scores[got_victim], want_scores[want_victim] + tol)
-          << where << ": victim " << got_victim << " instead of " << want_victim;
-    }
+    ExpectSequenceMatches(c, want, got, seq, absl::StrCat(s.candidates[seq], " candidates"));
   }
 
   // Without the scores, the same victims.
@@ -387,6 +407,29 @@ INSTANTIATE_TEST_SUITE_P(
                       Shape{{0, 40}, 3, 16, 80, 2, 64, true, true, 0, 0, true},
                       Shape{{17, 300}, 3, 16, 40, 1, 128, false, true, 0, 0, true}),
     ShapeName);
+
+class MorphKvIdleCudaTest : public testing::CudaTest {};
+
+// A sequence with num_slots 0 or below is left alone: its victims and
+// scores keep what they held (another launch over the same batch may have
+// written them), while the others, one of them without candidates, get
+// the CPU's answer as always.
+TEST_F(MorphKvIdleCudaTest, SequencesWithoutSlotsAreLeftAlone) {
+  for (const bool group_max_prob : {false, true}) {
+    const Shape s{{17, 3, 0, 9, 5}, 4, 7, 4, 2, 64, false, true, 0, 0, group_max_prob};
+    std::mt19937 rng(41);
+    Case c = MakeCase(s, rng);
+    c.num_slots[1] = 0;
+    c.num_slots[4] = -3;
+    const Result want = RunCpu(c);
+    ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_));
+    for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
+      ExpectSequenceMatches(
+          c, want, got, seq,
+          absl::StrCat(c.num_slots[seq], " slots", group_max_prob ? ", group-max-prob" : ""));
+    }
+  }
+}
 
 class MorphKvTieCudaTest : public testing::CudaTest {};
 
