@@ -301,22 +301,20 @@ void CudaBackend::LayOutMetadata(const ForwardBatch& batch, int64_t rows) {
   at.prefill_tables = at.decode_context + num_decode_;
   at.prefill_offsets = at.prefill_tables + num_prefill_ * table_stride_;
   at.prefill_starts = at.prefill_offsets + num_prefill_ + 1;
-  // Sequences with device policy work: their kernel arguments, and once a
-  // bounded policy has compacted, the position of this step's token in the
-  // slot it overwrites.
-  int64_t policy = 0;
-  num_scatter_ = 0;
+  at.policy = at.prefill_starts + num_prefill_;
+  at.total = at.policy;  // PlanPolicies adds the slabs'
+  // Each sequence's first device row.
+  first_rows_.clear();
+  int64_t decode = 0;
+  int64_t prefill_row = num_decode_;
   for (const SequenceInput& seq : batch.sequences) {
-    if (!DeviceScored(seq.kv)) continue;
-    ++policy;
-    if (seq.kv->compacted() && seq.kv->config().bounded()) {
-      num_scatter_ += c.num_layers * c.num_kv_heads;
+    if (seq.num_tokens == 1) {
+      first_rows_.push_back(decode++);
+    } else {
+      first_rows_.push_back(prefill_row);
+      prefill_row += seq.num_tokens;
     }
   }
-  at.policy = at.prefill_starts + num_prefill_;
-  at.scatter_offsets = at.policy + policy * kPolicyInts;
-  at.scatter_values = at.scatter_offsets + num_scatter_;
-  at.total = at.scatter_values + num_scatter_;
 }
 
 void CudaBackend::StageMetadata(const ForwardBatch& batch) {
@@ -335,22 +333,17 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
   int64_t prefill = 0;
   int64_t prefill_row = num_decode_;  // device row of the next prompt chunk
   int64_t logit_row = 0;
-  int64_t scatter = 0;
   m[at.prefill_offsets] = 0;
-  policy_steps_.clear();
   for (const SequenceInput& seq : batch.sequences) {
     int64_t first_row;  // the device row of the sequence's first token
-    int64_t table;      // its block table in the metadata
     if (seq.num_tokens == 1) {
       first_row = decode;
-      table = static_cast<int64_t>(at.decode_tables) + decode * table_stride_;
       copy_table(seq.block_table, m + at.decode_tables + decode * table_stride_);
       m[at.decode_context + decode] = static_cast<int32_t>(
           seq.kv != nullptr ? seq.kv->ContextSlots(0) : seq.start_position + 1);
       ++decode;
     } else {
       first_row = prefill_row;
-      table = static_cast<int64_t>(at.prefill_tables) + prefill * table_stride_;
       copy_table(seq.block_table, m + at.prefill_tables + prefill * table_stride_);
       // Prompt chunks run while slots equal positions.
       m[at.prefill_starts + prefill] = static_cast<int32_t>(seq.start_position);
@@ -375,29 +368,8 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
     if (!batch.all_logits) {
       m[at.rows + logit_row++] = static_cast<int32_t>(first_row + seq.num_tokens - 1);
     }
-    if (!DeviceScored(seq.kv)) continue;
-    PolicyStep p;
-    p.kv = seq.kv;
-    p.state = static_cast<PolicyState*>(seq.kv->device_state());
-    p.table = table;
-    p.meta = static_cast<int64_t>(at.policy) +
-             static_cast<int64_t>(policy_steps_.size()) * kPolicyInts;
-    m[p.meta] = static_cast<int32_t>(first_row);
-    m[p.meta + 1] = static_cast<int32_t>(first_row + seq.num_tokens);
-    PlanPolicyStep(seq, p, m + p.meta);
-    if (seq.kv->compacted() && seq.kv->config().bounded()) {
-      for (int64_t layer = 0; layer < c.num_layers; ++layer) {
-        for (int64_t h = 0; h < kv_heads; ++h) {
-          m[at.scatter_offsets + scatter] = static_cast<int32_t>(
-              p.state->positions + (layer * kv_heads + h) * p.state->kept +
-              seq.kv->WriteSlot(layer, h, 0));
-          m[at.scatter_values + scatter] = static_cast<int32_t>(seq.start_position);
-          ++scatter;
-        }
-      }
-    }
-    policy_steps_.push_back(p);
   }
+  StagePolicies(batch, m);
 }
 
 absl::Status CudaBackend::RunLayers(int64_t n) {
@@ -509,8 +481,8 @@ absl::Status CudaBackend::PrepareStep(const ForwardBatch& batch) {
   step_rows_ = rows;
   step_all_logits_ = batch.all_logits;
   LayOutMetadata(batch, rows);
+  ASSIGN_OR_RETURN(meta_at_.total, PlanPolicies(batch, meta_at_.policy));
   RETURN_IF_ERROR(ReserveMetadata(meta_at_.total));
-  RETURN_IF_ERROR(EnsurePolicyState(batch));
   StageMetadata(batch);
   return ReservePolicyScratch();
 }
@@ -521,23 +493,8 @@ absl::Status CudaBackend::QueueForward() {
   RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(meta_.data(), meta_host_.get(),
                                        meta_at_.total * sizeof(int32_t), cudaMemcpyHostToDevice,
                                        stream_));
-  if (num_scatter_ > 0) {
-    RETURN_IF_ERROR(kc::ScatterInt32(policy_pool_.as<int32_t>(), meta + meta_at_.scatter_offsets,
-                                     meta + meta_at_.scatter_values, num_scatter_, stream_));
-  }
   RETURN_IF_ERROR(RunLayers(step_tokens_));
-  // The victims each selecting sequence's next token overwrites come back
-  // with the step's results.
-  const int64_t per_sequence = c.num_layers * c.num_kv_heads;
-  int64_t at = 0;
-  for (const PolicyStep& p : policy_steps_) {
-    if (!p.evict) continue;
-    RETURN_IF_CUDA_ERROR(cudaMemcpyAsync(static_cast<int32_t*>(victims_host_.get()) + at,
-                                         policy_pool_.as<int32_t>() + p.state->victims,
-                                         per_sequence * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                         stream_));
-    at += per_sequence;
-  }
+  RETURN_IF_ERROR(QueueVictimsBack());
   const __nv_bfloat16* head_in = Bf16(xn_);
   if (!step_all_logits_) {
     RETURN_IF_ERROR(kc::GatherRows(Bf16(xn_), c.hidden_size, meta + meta_at_.rows, Bf16(last_),
@@ -554,12 +511,22 @@ void CudaBackend::EndStep(const ForwardBatch& batch) {
   for (const SequenceInput& seq : batch.sequences) {
     if (seq.kv != nullptr) seq.kv->EndStep(seq.num_tokens, seq.prompt_pending);
   }
-  const int64_t per_sequence = model_.config.num_layers * model_.config.num_kv_heads;
-  const auto* victims = static_cast<const int32_t*>(victims_host_.get());
-  for (const PolicyStep& p : policy_steps_) {
-    if (!p.evict) continue;
-    p.kv->SetVictims(std::span<const int32_t>(victims, static_cast<size_t>(per_sequence)));
-    victims += per_sequence;
+  // The victims came back per evicting slab, [layer][slot][kv_head] over
+  // its covered slots; each sequence's next token goes into its own.
+  const ModelConfig& c = model_.config;
+  const auto* host = static_cast<const int32_t*>(victims_host_.get());
+  std::vector<int32_t> victims(static_cast<size_t>(c.num_layers * c.num_kv_heads));
+  for (const SlabStep& step : slab_steps_) {
+    if (step.evict == 0) continue;
+    for (const PolicyStep& p : step.seqs) {
+      if (!p.evict) continue;
+      for (int64_t layer = 0; layer < c.num_layers; ++layer) {
+        std::copy_n(host + (layer * step.high_water + p.slot) * c.num_kv_heads, c.num_kv_heads,
+                    victims.begin() + layer * c.num_kv_heads);
+      }
+      p.kv->SetVictims(victims);
+    }
+    host += c.num_layers * step.high_water * c.num_kv_heads;
   }
 }
 
@@ -589,22 +556,17 @@ std::vector<int64_t> CudaBackend::GraphKey(int64_t mode) const {
   // value the launches take: the step's shape, and each policy sequence's
   // settings, flags and device state.
   std::vector<int64_t> key = {buffers_generation_,
-                              policy_pool_.generation(),
                               penalties_.generation(),
                               mode,
                               step_tokens_,
                               step_rows_,
                               step_all_logits_,
                               table_stride_,
-                              num_scatter_,
                               static_cast<int64_t>(meta_at_.total)};
-  for (const PolicyStep& p : policy_steps_) {
-    const KvPolicyConfig& c = p.kv->config();
-    key.insert(key.end(),
-               {static_cast<int64_t>(c.kind), c.window, c.capacity, static_cast<int64_t>(c.fusion),
-                static_cast<int64_t>(c.aggregation), c.sinks, p.table, p.meta, p.n, p.slots,
-                p.push, p.evict, p.first, p.snap, p.kv->compacted(), p.state->offset,
-                p.state->max_slots});
+  for (const SlabStep& p : slab_steps_) {
+    key.insert(key.end(), {p.slab->id, p.slab->generation, p.high_water, p.tokens, p.max_tokens,
+                           p.max_slots, p.steady, p.first, p.snap, p.evict, p.scatter,
+                           static_cast<int64_t>(p.rows)});
   }
   return key;
 }

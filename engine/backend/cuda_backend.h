@@ -151,54 +151,89 @@ class CudaBackend final : public ForwardBackend {
     std::map<int64_t, int64_t> free_;  // offset -> length, disjoint, merged
   };
 
-  // A sequence's device policy state in policy_pool_ (int32 elements), for
-  // every policy but `full`; element offsets into the pool:
-  //   ring: the query ring [layer][ring_size][q_dim] bf16 (MorphKV: its W
-  //     queries; SnapKV: its observation window, until it has selected);
-  //   positions: [layer][kv_head][kept], the position of each slot's token
-  //     once compacted (kept: C + 1, SnapKV C);
-  //   victims: [layer][kv_head], the slot each next token overwrites;
-  //   scores: H2O's running scores, f32 [layer][kv_head][max_slots].
+  // The device policy state of every sequence whose policy settings match:
+  // one slot per sequence, each field laid out [layer][slot][...], so that
+  // each layer's policy kernels run once over all of a slab's sequences
+  // (they index sequences by slot; a slot with nothing to do this step is
+  // given 0 slots and left alone). Fields, for capacity slots:
+  //   ring: bf16 [layer][slot][ring_size][q_dim], the query ring (MorphKV:
+  //     its W queries; SnapKV: its observation window until it selects);
+  //   positions: int32 [layer][slot][kv_head][kept], the position of each
+  //     cache slot's token once compacted (kept: C + 1, SnapKV C);
+  //   victims: int32 [layer][slot][kv_head], the slot each next token
+  //     overwrites (-1 until the first selection);
+  //   scores: f32 [layer][slot][kv_head][score_slots], H2O's running scores.
+  // The arrays grow (doubling, between steps) when every slot is taken.
+  struct PolicySlab {
+    int64_t id = 0;          // tells slabs apart in graph keys
+    int64_t generation = 0;  // counts the times the arrays moved
+    KvPolicyConfig config;
+    int64_t ring_size = 0, kept = 0, score_slots = 0;  // per slot
+    int64_t capacity = 0;
+    DeviceBuffer ring, positions, victims, scores;
+    std::vector<bool> used;  // per slot
+    // Slots [0, high_water) hold every sequence of the slab.
+    int64_t HighWater() const;
+  };
+  // A sequence's place in its slab (KvSequence::DeviceState): released
+  // with the sequence.
   struct PolicyState : KvSequence::DeviceState {
-    PolicyState(DevicePool* owner, int64_t start, int64_t length)
-        : pool(owner), offset(start), size(length) {}
-    ~PolicyState() override { pool->Free(offset, size); }
-    DevicePool* pool;
-    int64_t offset, size;
-    int64_t ring = 0, positions = 0, victims = 0, scores = 0;
-    int64_t ring_size = 0, kept = 0, max_slots = 0;
+    PolicyState(PolicySlab* owner, int64_t index) : slab(owner), slot(index) {}
+    ~PolicyState() override { slab->used[static_cast<size_t>(slot)] = false; }
+    PolicySlab* slab;
+    int64_t slot;
     bool snapped = false;  // SnapKV's one selection is behind it
   };
-  // A sequence with a device-scored policy in this step.
+  // A sequence with device policy work in this step.
   struct PolicyStep {
     KvSequence* kv = nullptr;
-    PolicyState* state = nullptr;
-    int64_t table = 0;  // its block table in the metadata
-    int64_t meta = 0;   // its kPolicyInts in the metadata
-    int64_t n = 0;      // its tokens this step
-    int64_t slots = 0;  // slots held once the step's tokens are written
-    bool push = false;   // the step's queries join the ring
-    bool evict = false;  // a bounded policy picks the next token's victims
-    bool first = false;  // ... for the first time: it compacts
-    bool snap = false;   // SnapKV's selection at the end of the prompt
+    int64_t slot = 0;
+    int64_t first_row = 0;  // the device row of its first token
+    int64_t n = 0;          // its tokens this step
+    int64_t slots = 0;      // slots held once the step's tokens are written
+    bool push = false;      // the step's queries join the ring
+    bool evict = false;     // a bounded policy picks the next token's victims
+    bool first = false;     // ... for the first time: it compacts
+    bool snap = false;      // SnapKV's selection at the end of the prompt
   };
-  // Per policy sequence and step: query_start (2), the first position, the
-  // slots held, the first recent position, the candidates to keep, the
-  // tokens written once the step is done.
-  static constexpr int64_t kPolicyInts = 7;
+  // One slab's work in this step, over its slots [0, high_water): the
+  // launch bounds (host side) and where its arrays sit in the metadata.
+  struct SlabStep {
+    PolicySlab* slab = nullptr;
+    std::vector<PolicyStep> seqs;
+    int64_t high_water = 0;
+    int64_t tokens = 0;      // query rows gathered (ring pushes, H2O)
+    int64_t max_tokens = 0;  // most of one sequence
+    int64_t max_slots = 0;   // most slots of a sequence that takes part
+    int64_t steady = 0, first = 0, snap = 0, evict = 0;  // sequences
+    int64_t scatter = 0;     // position updates per layer
+    // Metadata offsets (int32 entries): rows [tokens], query_start
+    // [high_water + 1], then per slot: the first position, SnapKV's prompt
+    // length, the slots held (H2O), the slots of a steady eviction, of a
+    // first selection, the first recent position, the candidates kept;
+    // block tables [high_water][table_stride]; position updates
+    // [layer][scatter] (offsets in the layer's positions, values).
+    size_t rows, query_start, first_position, snap_tokens, slots_all, slots_steady, slots_first,
+        recent_from, keep, tables, scatter_offsets, scatter_values, end;
+  };
   // Whether `kv` (null for none) has device policy work: any policy but full.
   static bool DeviceScored(const KvSequence* kv);
-  absl::Status EnsurePolicyState(const ForwardBatch& batch);
-  // Fills a policy step's flags and metadata ints (`ints`), as
-  // KvSequence::AfterAttention decides them on the CPU.
-  static void PlanPolicyStep(const SequenceInput& seq, PolicyStep& p, int32_t* ints);
+  // Gives every policy sequence of the batch its slab slot and plans the
+  // step's policy work by slab, as KvSequence::AfterAttention decides it
+  // on the CPU; lays out its metadata from `at` on. Returns its end.
+  absl::StatusOr<size_t> PlanPolicies(const ForwardBatch& batch, size_t at);
+  absl::StatusOr<PolicySlab*> SlabFor(const KvSequence& kv);
+  // Writes the planned policy metadata into the staged metadata `m`.
+  void StagePolicies(const ForwardBatch& batch, int32_t* m) const;
   absl::Status RunPolicies(int64_t layer, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
-  // The first selection of `p` (bounded policies after a long prompt,
+  // A slab step's first selections (bounded policies after a long prompt,
   // SnapKV once): keep lists from `scores` (null: by position), then the
   // kept tokens gathered into the lowest slots.
-  absl::Status SelectAndCompact(const PolicyStep& p, int64_t layer, const float* scores,
+  absl::Status SelectAndCompact(const SlabStep& step, int64_t layer, const float* scores,
                                 int64_t scores_stride, float* moved_scores,
                                 __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
+  // Queues the copy of every evicting slab's victims to victims_host_.
+  absl::Status QueueVictimsBack();
   absl::Status GrowScratch(DeviceBuffer& buffer, size_t bytes);
   // Sizes the policies' scratch for the step (before anything is queued).
   absl::Status ReservePolicyScratch();
@@ -265,8 +300,11 @@ class CudaBackend final : public ForwardBackend {
   Pinned sample_host_, sampled_host_;
   std::map<int64_t, RequestSampling> requests_;
   DevicePool penalties_{sizeof(kernels::cuda::PenaltyEntry)};
-  DevicePool policy_pool_{sizeof(int32_t)};
-  std::vector<PolicyStep> policy_steps_;
+  std::map<std::vector<int64_t>, std::unique_ptr<PolicySlab>> slabs_;  // by settings
+  int64_t next_slab_id_ = 0;
+  std::vector<SlabStep> slab_steps_;  // this step's
+  std::vector<int64_t> first_rows_;   // per batch sequence, its first device row
+  DeviceBuffer policy_q_;             // bf16 [rows][qkv]: a slab's gathered query rows
   DeviceBuffer policy_scratch_, policy_scores_, keep_lists_, keep_counts_;
   Pinned victims_host_;
   size_t victims_capacity_ = 0;  // int32 entries in victims_host_
@@ -282,14 +320,12 @@ class CudaBackend final : public ForwardBackend {
     size_t slots;               // [layer][n][kv_head]: flat cache slots
     size_t decode_tables, decode_context;                   // per decode
     size_t prefill_tables, prefill_offsets, prefill_starts;  // per chunk
-    size_t policy;                           // kPolicyInts per policy sequence
-    size_t scatter_offsets, scatter_values;  // position updates
+    size_t policy;  // the slabs' (SlabStep)
     size_t total;
   } meta_at_{};
   int64_t num_decode_ = 0;       // single-token sequences this step
   int64_t num_prefill_ = 0;      // prompt chunks of several tokens
   int64_t prefill_max_len_ = 0;  // the longest chunk
-  int64_t num_scatter_ = 0;      // position updates this step
   int64_t attention_rows_ = 0;   // rows PagedAttention runs at once
   int64_t step_tokens_ = 0, step_rows_ = 0;  // the prepared step's
   bool step_all_logits_ = false;

@@ -1,5 +1,5 @@
 // CudaBackend's sampling: each request's seed, draw counter and penalty
-// history, and the step that chooses tokens on the device.
+// history (in a DevicePool), and the step that chooses tokens on the device.
 #include <algorithm>
 #include <vector>
 
@@ -134,6 +134,48 @@ absl::Status CudaBackend::ForwardAndSample(const ForwardBatch& batch,
     }
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> CudaBackend::DevicePool::Allocate(int64_t n) {
+  n = (n + 3) / 4 * 4;
+  for (auto it = free_.begin(); it != free_.end(); ++it) {
+    if (it->second < n) continue;
+    const int64_t offset = it->first;
+    const int64_t rest = it->second - n;
+    free_.erase(it);
+    if (rest > 0) free_.emplace(offset + n, rest);
+    return offset;
+  }
+  // Grow: at least double, and enough for `n` past the end.
+  const int64_t grown = std::max<int64_t>({2 * capacity_, capacity_ + n, 1 << 16});
+  ASSIGN_OR_RETURN(DeviceBuffer bigger, DeviceBuffer::Allocate(grown * element_bytes_));
+  ++generation_;
+  if (capacity_ > 0) {
+    RETURN_IF_CUDA_ERROR(cudaMemcpy(bigger.data(), buffer_.data(), capacity_ * element_bytes_,
+                                    cudaMemcpyDeviceToDevice));
+  }
+  buffer_ = std::move(bigger);
+  Free(capacity_, grown - capacity_);
+  capacity_ = grown;
+  return Allocate(n);
+}
+
+void CudaBackend::DevicePool::Free(int64_t offset, int64_t n) {
+  n = (n + 3) / 4 * 4;
+  auto [it, inserted] = free_.emplace(offset, n);
+  if (!inserted) return;
+  // Merge with the following range, then with the preceding one.
+  if (auto next = std::next(it); next != free_.end() && offset + n == next->first) {
+    it->second += next->second;
+    free_.erase(next);
+  }
+  if (it != free_.begin()) {
+    auto prev = std::prev(it);
+    if (prev->first + prev->second == offset) {
+      prev->second += it->second;
+      free_.erase(it);
+    }
+  }
 }
 
 }  // namespace morphserve::engine
