@@ -45,6 +45,9 @@ __device__ __forceinline__ void ChunkLogits(const __nv_bfloat16* key, int dim0, 
   }
 }
 
+// v cut to [0, hi]: a device-side count bounded by its host-side bound.
+__device__ __forceinline__ int Clamp(int v, int hi) { return min(max(v, 0), hi); }
+
 // A softmax probability, exp(logit - row_max) * inv_sum, with exp taken as
 // the CPU path takes it (kernels/cpu: exactly 0 below -87), so that the
 // far tail ties at 0 on both sides instead of ranking by subnormals.
