@@ -369,7 +369,7 @@ void CudaBackend::StageMetadata(const ForwardBatch& batch) {
       m[at.rows + logit_row++] = static_cast<int32_t>(first_row + seq.num_tokens - 1);
     }
   }
-  StagePolicies(batch, m);
+  StagePolicies(m);
 }
 
 absl::Status CudaBackend::RunLayers(int64_t n) {

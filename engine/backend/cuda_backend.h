@@ -186,6 +186,7 @@ class CudaBackend final : public ForwardBackend {
   };
   // A sequence with device policy work in this step.
   struct PolicyStep {
+    const SequenceInput* input = nullptr;  // in the step's batch
     KvSequence* kv = nullptr;
     int64_t slot = 0;
     int64_t first_row = 0;  // the device row of its first token
@@ -224,7 +225,7 @@ class CudaBackend final : public ForwardBackend {
   absl::StatusOr<size_t> PlanPolicies(const ForwardBatch& batch, size_t at);
   absl::StatusOr<PolicySlab*> SlabFor(const KvSequence& kv);
   // Writes the planned policy metadata into the staged metadata `m`.
-  void StagePolicies(const ForwardBatch& batch, int32_t* m) const;
+  void StagePolicies(int32_t* m) const;
   absl::Status RunPolicies(int64_t layer, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
   // A slab step's first selections (bounded policies after a long prompt,
   // SnapKV once): keep lists from `scores` (null: by position), then the

@@ -144,6 +144,7 @@ absl::StatusOr<size_t> CudaBackend::PlanPolicies(const ForwardBatch& batch, size
     const bool select = !seq.prompt_pending;
     const int64_t tokens = seq.start_position + seq.num_tokens;
     PolicyStep p;
+    p.input = &seq;
     p.kv = seq.kv;
     p.slot = state->slot;
     p.first_row = first_rows_[i];
@@ -187,11 +188,9 @@ absl::StatusOr<size_t> CudaBackend::PlanPolicies(const ForwardBatch& batch, size
   return at;
 }
 
-void CudaBackend::StagePolicies(const ForwardBatch& batch, int32_t* m) const {
+void CudaBackend::StagePolicies(int32_t* m) const {
   const ModelConfig& c = model_.config;
   const int64_t kv_heads = c.num_kv_heads;
-  std::map<const KvSequence*, const SequenceInput*> input_of;
-  for (const SequenceInput& seq : batch.sequences) input_of[seq.kv] = &seq;
   const auto i32 = [](int64_t v) { return static_cast<int32_t>(v); };
   for (const SlabStep& step : slab_steps_) {
     const PolicySlab& slab = *step.slab;
@@ -208,7 +207,7 @@ void CudaBackend::StagePolicies(const ForwardBatch& batch, int32_t* m) const {
       m[step.query_start + s] = i32(row);
       const PolicyStep* p = by_slot[static_cast<size_t>(s)];
       if (p == nullptr) continue;
-      const SequenceInput& seq = *input_of.at(p->kv);
+      const SequenceInput& seq = *p->input;
       const int64_t tokens = seq.start_position + seq.num_tokens;
       if (p->push || config.kind == KvPolicyKind::kH2o) {
         for (int64_t i = 0; i < p->n; ++i) m[step.rows + row++] = i32(p->first_row + i);
