@@ -33,7 +33,6 @@
 namespace morphserve::kernels::cuda {
 namespace {
 
-using testing::AllClose;
 using testing::Bf16ToF32;
 using testing::Cache;
 using testing::kNanBf16;
@@ -41,8 +40,6 @@ using testing::kPoisonInt;
 using testing::MakeCache;
 using testing::Poisoned;
 using testing::RandomBf16;
-using testing::ScrambleBlockTables;
-using testing::ScrambledTables;
 using testing::Upload;
 
 // ---------------------------------------------------------------------------

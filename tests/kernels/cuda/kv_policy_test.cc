@@ -39,12 +39,9 @@ using testing::AllClose;
 using testing::Bf16ToF32;
 using testing::Cache;
 using testing::kNanBf16;
-using testing::kPoisonInt;
 using testing::MakeCache;
 using testing::Poisoned;
 using testing::RandomBf16;
-using testing::ScrambleBlockTables;
-using testing::ScrambledTables;
 using testing::Upload;
 
 // Same inputs on both sides and f32 after, so scores differ only by the
