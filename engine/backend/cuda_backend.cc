@@ -6,6 +6,7 @@
 #include <cstring>
 #include <functional>
 #include <initializer_list>
+#include <optional>
 #include <span>
 
 #include <spdlog/spdlog.h>
@@ -435,15 +436,24 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
                                      meta + meta_at_.slots + li * n * c.num_kv_heads, k_cache,
                                      v_cache, shape_.num_blocks, shape_.block_size,
                                      c.num_kv_heads, c.head_dim, n, stream_));
-    // Decodes: one row each, the context split over partitions.
+    // Decodes: one row each, the context split over partitions. The fused
+    // MorphKV slab's first scoring pass runs along, on its rings with this
+    // step's queries in.
     attention.k_cache = k_cache;
     attention.v_cache = v_cache;
+    std::optional<kc::MorphKvFusedStats> stats = FusedStats(li);
+    const int32_t* scored_as = stats ? stats->scored_as : nullptr;
+    for (const SlabStep& step : slab_steps_) {
+      if (step.fused) RETURN_IF_ERROR(QueueSlabInputs(step, li));
+    }
     for (int64_t r0 = 0; r0 < num_decode_; r0 += attention_rows_) {
       attention.num_seqs = std::min(attention_rows_, num_decode_ - r0);
       attention.block_tables = meta + meta_at_.decode_tables + r0 * table_stride_;
       attention.context_lens = meta + meta_at_.decode_context + r0;
+      if (stats) stats->scored_as = scored_as + r0;
       RETURN_IF_ERROR(kc::PagedAttention(attention, qkv + r0 * qkv_dim, qkv_dim,
-                                         Bf16(attn_, r0 * q_dim), attn_scratch_.data(), stream_));
+                                         Bf16(attn_, r0 * q_dim), attn_scratch_.data(), stream_,
+                                         stats ? &*stats : nullptr));
     }
     // Prompt chunks: causal, tiled over their tokens.
     if (num_prefill_ > 0) {
@@ -566,7 +576,7 @@ std::vector<int64_t> CudaBackend::GraphKey(int64_t mode) const {
   for (const SlabStep& p : slab_steps_) {
     key.insert(key.end(), {p.slab->id, p.slab->generation, p.high_water, p.tokens, p.max_tokens,
                            p.max_slots, p.steady, p.first, p.snap, p.evict, p.scatter,
-                           static_cast<int64_t>(p.rows)});
+                           p.fused, static_cast<int64_t>(p.rows)});
   }
   return key;
 }

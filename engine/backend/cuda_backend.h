@@ -19,6 +19,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 #include <span>
@@ -32,6 +33,7 @@
 #include "engine/kv/kv_sequence.h"
 #include "engine/model/model.h"
 #include "kernels/cuda/device_buffer.h"
+#include "kernels/cuda/kv_scoring.h"
 #include "kernels/cuda/matmul.h"
 #include "kernels/cuda/sampling.h"
 
@@ -96,6 +98,14 @@ class CudaBackend final : public ForwardBackend {
   // Steps captured into a CUDA graph, and steps replayed from one.
   int64_t graph_captures() const { return graph_captures_; }
   int64_t graph_replays() const { return graph_replays_; }
+  // Whether the decode attention runs one MorphKV slab's first scoring pass
+  // (on by default); off, every slab scores on its own. Benchmarks and tests
+  // compare the two.
+  void set_fused_scoring(bool on) { fused_scoring_ = on; }
+  // Steady MorphKV evictions whose first scoring pass ran in the decode
+  // attention, and those scored on their own (a second slab's in a step).
+  int64_t fused_evictions() const { return fused_evictions_; }
+  int64_t unfused_evictions() const { return unfused_evictions_; }
 
  private:
   using DeviceBuffer = kernels::cuda::DeviceBuffer;
@@ -208,14 +218,20 @@ class CudaBackend final : public ForwardBackend {
     int64_t max_slots = 0;   // most slots of a sequence that takes part
     int64_t steady = 0, first = 0, snap = 0, evict = 0;  // sequences
     int64_t scatter = 0;     // position updates per layer
+    // MorphKV only: the steady evictions take their first scoring pass from
+    // the decode attention (kernels/cuda/kv_scoring.h). One slab per step at
+    // most, the one with the most steady evictions; the others score alone.
+    bool fused = false;
     // Metadata offsets (int32 entries): rows [tokens], query_start
     // [high_water + 1], then per slot: the first position, SnapKV's prompt
     // length, the slots held (H2O), the slots of a steady eviction, of a
     // first selection, the first recent position, the candidates kept;
     // block tables [high_water][table_stride]; position updates
-    // [layer][scatter] (offsets in the layer's positions, values).
+    // [layer][scatter] (offsets in the layer's positions, values); when
+    // fused, each decode's slot in the slab, or -1 (MorphKvFusedStats's
+    // scored_as) [num_decode].
     size_t rows, query_start, first_position, snap_tokens, slots_all, slots_steady, slots_first,
-        recent_from, keep, tables, scatter_offsets, scatter_values, end;
+        recent_from, keep, tables, scatter_offsets, scatter_values, scored_as, end;
   };
   // Whether `kv` (null for none) has device policy work: any policy but full.
   static bool DeviceScored(const KvSequence* kv);
@@ -226,6 +242,15 @@ class CudaBackend final : public ForwardBackend {
   absl::StatusOr<PolicySlab*> SlabFor(const KvSequence& kv);
   // Writes the planned policy metadata into the staged metadata `m`.
   void StagePolicies(int32_t* m) const;
+  // A slab's inputs to its layer's policy work: the positions of the tokens
+  // written into recycled slots, and the step's queries in its rings (and
+  // in policy_q_). Queued before the attention for the fused slab, after it
+  // for the others.
+  absl::Status QueueSlabInputs(const SlabStep& step, int64_t layer);
+  // The fused slab's first scoring pass for PagedAttention in `layer`;
+  // nullopt when no slab is fused this step.
+  std::optional<kernels::cuda::MorphKvFusedStats> FusedStats(int64_t layer) const;
+  // The policies' work after the layer's attention.
   absl::Status RunPolicies(int64_t layer, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache);
   // A slab step's first selections (bounded policies after a long prompt,
   // SnapKV once): keep lists from `scores` (null: by position), then the
@@ -307,6 +332,7 @@ class CudaBackend final : public ForwardBackend {
   std::vector<int64_t> first_rows_;   // per batch sequence, its first device row
   DeviceBuffer policy_q_;             // bf16 [rows][qkv]: a slab's gathered query rows
   DeviceBuffer policy_scratch_, policy_scores_, keep_lists_, keep_counts_;
+  DeviceBuffer fused_stats_;  // the fused slab's first pass, one layer's
   Pinned victims_host_;
   size_t victims_capacity_ = 0;  // int32 entries in victims_host_
   std::mt19937_64 seed_rng_{std::random_device{}()};
@@ -345,6 +371,8 @@ class CudaBackend final : public ForwardBackend {
   std::set<std::vector<int64_t>> seen_keys_;  // shapes run once, directly
   uint64_t graph_clock_ = 0;
   int64_t graph_captures_ = 0, graph_replays_ = 0;
+  bool fused_scoring_ = true;
+  int64_t fused_evictions_ = 0, unfused_evictions_ = 0;
 };
 
 }  // namespace morphserve::engine

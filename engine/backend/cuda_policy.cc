@@ -2,11 +2,13 @@
 // sequence's slot in its policy slab, and the scoring, selection and
 // compaction queued after every layer's attention (kernels/cuda/kv_scoring.h
 // and kv_policy.h), in the order KvSequence::AfterAttention runs them on the
-// CPU. Every kernel runs once per layer and slab, over all its sequences.
+// CPU. Every kernel runs once per layer and slab, over all its sequences;
+// one MorphKV slab's first scoring pass runs inside the attention.
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <vector>
 
 #include "common/status.h"
@@ -167,6 +169,23 @@ absl::StatusOr<size_t> CudaBackend::PlanPolicies(const ForwardBatch& batch, size
     step.scatter += seq.kv->compacted() && config.bounded() ? kv_heads : 0;
     step.seqs.push_back(p);
   }
+  // The fused slab: MorphKV, with the most steady evictions, all of them
+  // decodes (so that the decode attention covers them).
+  SlabStep* fused = nullptr;
+  for (SlabStep& step : slab_steps_) {
+    const bool decodes = std::all_of(step.seqs.begin(), step.seqs.end(), [](const PolicyStep& p) {
+      return !p.evict || p.first || p.n == 1;
+    });
+    if (step.slab->config.kind == KvPolicyKind::kMorphKv && step.steady > 0 && decodes &&
+        (fused == nullptr || step.steady > fused->steady)) {
+      fused = &step;
+    }
+  }
+  if (fused != nullptr && fused_scoring_) fused->fused = true;
+  for (const SlabStep& step : slab_steps_) {
+    if (step.slab->config.kind != KvPolicyKind::kMorphKv) continue;
+    (step.fused ? fused_evictions_ : unfused_evictions_) += step.steady;
+  }
   for (SlabStep& step : slab_steps_) {
     step.high_water = step.slab->HighWater();
     const int64_t hw = step.high_water;
@@ -182,7 +201,8 @@ absl::StatusOr<size_t> CudaBackend::PlanPolicies(const ForwardBatch& batch, size
     step.tables = step.keep + hw;
     step.scatter_offsets = step.tables + hw * table_stride_;
     step.scatter_values = step.scatter_offsets + c.num_layers * step.scatter;
-    step.end = step.scatter_values + c.num_layers * step.scatter;
+    step.scored_as = step.scatter_values + c.num_layers * step.scatter;
+    step.end = step.scored_as + (step.fused ? num_decode_ : 0);
     at = step.end;
   }
   return at;
@@ -196,8 +216,10 @@ void CudaBackend::StagePolicies(int32_t* m) const {
     const PolicySlab& slab = *step.slab;
     const KvPolicyConfig& config = slab.config;
     const int64_t hw = step.high_water;
-    // Slots without a sequence in this step take part in nothing.
-    std::fill(m + step.query_start, m + step.end, 0);
+    // Slots without a sequence in this step take part in nothing; decodes
+    // of other slabs are not scored by the attention.
+    std::fill(m + step.query_start, m + step.scored_as, 0);
+    std::fill(m + step.scored_as, m + step.end, -1);
     const int64_t sinks = config.kind == KvPolicyKind::kStreaming ? config.sinks : 0;
     std::vector<const PolicyStep*> by_slot(static_cast<size_t>(hw), nullptr);
     for (const PolicyStep& p : step.seqs) by_slot[static_cast<size_t>(p.slot)] = &p;
@@ -216,6 +238,8 @@ void CudaBackend::StagePolicies(int32_t* m) const {
       m[step.snap_tokens + s] = p->snap ? i32(tokens) : 0;
       m[step.slots_all + s] = i32(p->slots);
       m[step.slots_steady + s] = p->evict && !p->first ? i32(p->slots) : 0;
+      // A decode's first row is its attention row.
+      if (step.fused && p->evict && !p->first) m[step.scored_as + p->first_row] = i32(s);
       m[step.slots_first + s] = p->first || p->snap ? i32(p->slots) : 0;
       const int64_t window = p->snap ? kSnapKvObservationWindow : config.window;
       m[step.recent_from + s] = i32(tokens - window);
@@ -260,10 +284,16 @@ absl::Status CudaBackend::ReservePolicyScratch() {
     if (config.kind == KvPolicyKind::kH2o) {
       scratch = kc::H2oAccumulateScratchBytes(hw, c.num_heads, step.max_tokens, step.max_slots);
     }
+    const bool group_max_prob = config.aggregation == MorphKvAggregation::kGroupMaxProb;
     if (step.evict > 0 && config.kind == KvPolicyKind::kMorphKv) {
-      scratch = std::max(scratch, kc::MorphKvScoringScratchBytes(
-                                      hw, c.num_heads, kv_heads, config.window, step.max_slots,
-                                      config.aggregation == MorphKvAggregation::kGroupMaxProb));
+      scratch =
+          std::max(scratch, kc::MorphKvScoringScratchBytes(hw, c.num_heads, kv_heads, config.window,
+                                                           step.max_slots, group_max_prob));
+    }
+    if (step.fused) {
+      RETURN_IF_ERROR(GrowScratch(
+          fused_stats_, kc::MorphKvFusedStatsBytes(hw, c.num_heads, kv_heads, config.window,
+                                                   step.slab->kept, group_max_prob)));
     }
     if (step.snap > 0) {
       scratch = std::max(scratch, kc::SnapKvScoresScratchBytes(hw, c.num_heads, kv_heads,
@@ -288,6 +318,57 @@ absl::Status CudaBackend::ReservePolicyScratch() {
     victims_capacity_ = victims;
   }
   return absl::OkStatus();
+}
+
+absl::Status CudaBackend::QueueSlabInputs(const SlabStep& step, int64_t layer) {
+  const ModelConfig& c = model_.config;
+  const int32_t* meta = meta_.as<int32_t>();
+  const PolicySlab& slab = *step.slab;
+  const int64_t q_dim = c.q_dim();
+  const int64_t qkv_dim = q_dim + 2 * c.kv_dim();
+  const int64_t cap = slab.capacity;
+  if (step.scatter > 0) {
+    int32_t* positions = slab.positions.as<int32_t>() + layer * cap * c.num_kv_heads * slab.kept;
+    RETURN_IF_ERROR(kc::ScatterInt32(positions, meta + step.scatter_offsets + layer * step.scatter,
+                                     meta + step.scatter_values + layer * step.scatter,
+                                     step.scatter, stream_));
+  }
+  if (step.tokens == 0) return absl::OkStatus();
+  // The slab's query rows, in slot order.
+  auto* q = policy_q_.as<__nv_bfloat16>();
+  RETURN_IF_ERROR(
+      kc::GatherRows(qkv_.as<__nv_bfloat16>(), qkv_dim, meta + step.rows, q, step.tokens, stream_));
+  if (slab.ring_size == 0) return absl::OkStatus();
+  // The step's queries join the rings, which score the candidates.
+  __nv_bfloat16* ring = slab.ring.as<__nv_bfloat16>() + layer * cap * slab.ring_size * q_dim;
+  return kc::PushQueryRing(q, qkv_dim, meta + step.query_start, meta + step.first_position,
+                           step.high_water, step.max_tokens, q_dim, ring, slab.ring_size * q_dim,
+                           q_dim, slab.ring_size, stream_);
+}
+
+std::optional<kc::MorphKvFusedStats> CudaBackend::FusedStats(int64_t layer) const {
+  const auto step = std::find_if(slab_steps_.begin(), slab_steps_.end(),
+                                 [](const SlabStep& s) { return s.fused; });
+  if (step == slab_steps_.end()) return std::nullopt;
+  const ModelConfig& c = model_.config;
+  const PolicySlab& slab = *step->slab;
+  const int32_t* meta = meta_.as<int32_t>();
+  const int64_t q_dim = c.q_dim();
+  kc::MorphKvFusedStats stats;
+  stats.scored_as = meta + step->scored_as;
+  stats.recent_from = meta + step->recent_from;
+  stats.positions =
+      slab.positions.as<int32_t>() + layer * slab.capacity * c.num_kv_heads * slab.kept;
+  stats.positions_stride = slab.kept;
+  stats.q = slab.ring.as<__nv_bfloat16>() + layer * slab.capacity * slab.ring_size * q_dim;
+  stats.q_seq_stride = slab.ring_size * q_dim;
+  stats.q_row_stride = q_dim;
+  stats.window = slab.config.window;
+  stats.group_max_prob = slab.config.aggregation == MorphKvAggregation::kGroupMaxProb;
+  stats.num_scored = step->high_water;
+  stats.max_slots = slab.kept;  // a sequence in steady state holds exactly C + 1
+  stats.stats = fused_stats_.as<float>();
+  return stats;
 }
 
 absl::Status CudaBackend::RunPolicies(int64_t layer, __nv_bfloat16* k_cache,
@@ -323,24 +404,8 @@ absl::Status CudaBackend::RunPolicies(int64_t layer, __nv_bfloat16* k_cache,
       a.head_dim = c.head_dim;
       a.scale = scale;
     };
-    if (step.scatter > 0) {
-      RETURN_IF_ERROR(kc::ScatterInt32(positions, meta + step.scatter_offsets + layer * step.scatter,
-                                       meta + step.scatter_values + layer * step.scatter,
-                                       step.scatter, stream_));
-    }
-    // The slab's query rows, in slot order.
+    if (!step.fused) RETURN_IF_ERROR(QueueSlabInputs(step, layer));
     const auto* q = policy_q_.as<__nv_bfloat16>();
-    if (step.tokens > 0) {
-      RETURN_IF_ERROR(kc::GatherRows(qkv_.as<__nv_bfloat16>(), qkv_dim, meta + step.rows,
-                                     policy_q_.as<__nv_bfloat16>(), step.tokens, stream_));
-      // The step's queries join the rings, which score the candidates.
-      if (slab.ring_size > 0) {
-        RETURN_IF_ERROR(kc::PushQueryRing(q, qkv_dim, meta + step.query_start,
-                                          meta + step.first_position, hw, step.max_tokens, q_dim,
-                                          ring, slab.ring_size * q_dim, q_dim, slab.ring_size,
-                                          stream_));
-      }
-    }
     // H2O adds the step's attention to its running scores, restarting the
     // slot each token overwrote (its victim; -1 before the first).
     if (h2o != nullptr && step.tokens > 0) {
@@ -381,9 +446,15 @@ absl::Status CudaBackend::RunPolicies(int64_t layer, __nv_bfloat16* k_cache,
         score.num_slots = meta + step.slots_steady;
         score.positions = positions;
         score.max_slots = slab.kept;
-        RETURN_IF_ERROR(kc::MorphKvSelectVictims(score, ring, slab.ring_size * q_dim, q_dim,
-                                                 victims, nullptr, 0, policy_scratch_.data(),
-                                                 stream_));
+        if (step.fused) {
+          RETURN_IF_ERROR(kc::MorphKvSelectVictimsFromStats(
+              score, ring, slab.ring_size * q_dim, q_dim, fused_stats_.as<float>(), victims,
+              nullptr, 0, policy_scratch_.data(), stream_));
+        } else {
+          RETURN_IF_ERROR(kc::MorphKvSelectVictims(score, ring, slab.ring_size * q_dim, q_dim,
+                                                   victims, nullptr, 0, policy_scratch_.data(),
+                                                   stream_));
+        }
       }
       if (step.first > 0) {
         score.num_slots = meta + step.slots_first;

@@ -41,6 +41,11 @@ struct Params {
   int sinks;
   int max_slots;
   int max_partitions;  // partitions per (sequence, KV head) in the scratch
+  // The row statistics' partitions (pass a's, or PagedAttention's when it
+  // ran pass a): slots per partition, and partitions per (sequence, KV
+  // head) in part_max and part_sum.
+  int stats_partition;
+  int stats_partitions;
   int block_size;
   int num_kv_heads;
   int group;  // query heads per KV head
@@ -57,10 +62,11 @@ struct Params {
   int32_t* victims;
   float* scores;
   int64_t scores_stride;
-  // Scratch, indexed by (seq * num_kv_heads + kv_head) * max_partitions +
-  // partition: per score row (times score_rows, plus the row), the partition's
-  // largest candidate logit and its sum of exp(logit - that maximum); and
-  // the partition's lowest candidate.
+  // Indexed by (seq * num_kv_heads + kv_head) * stats_partitions +
+  // partition, per score row (times score_rows, plus the row): the
+  // partition's largest candidate logit and its sum of exp(logit - that
+  // maximum). Then in the scratch, indexed the same with max_partitions: the
+  // partition's lowest candidate.
   float* part_max;
   float* part_sum;
   float* best_score;
@@ -68,8 +74,8 @@ struct Params {
   int32_t* best_slot;
 };
 
-__host__ __device__ __forceinline__ int NumPartitions(int slots) {
-  return slots <= kPartition ? 1 : (slots + kPartition - 1) / kPartition;
+__host__ __device__ __forceinline__ int NumPartitions(int slots, int size = kPartition) {
+  return slots <= size ? 1 : (slots + size - 1) / size;
 }
 
 __device__ __forceinline__ int NumSlots(const Params& p, int seq) {
@@ -85,43 +91,12 @@ __device__ __forceinline__ void MarkCandidates(const Params& p, int seq, int kv_
                                                int n, int* pos) {
   const int32_t* positions =
       p.positions == nullptr ? nullptr : p.positions + Unit(p, seq, kv_head) * p.positions_stride;
-  const int recent_from = p.recent_from[seq];
-  for (int i = static_cast<int>(threadIdx.x); i < n; i += kThreads) {
-    const int slot = start + i;
-    const int position = positions == nullptr ? slot : positions[slot];
-    pos[i] = position >= p.sinks && position < recent_from ? position : -1;
-  }
+  internal::MarkCandidates<kThreads>(positions, p.recent_from[seq], p.sinks, start, n, pos);
 }
 
-// q[r] = scale * the query of score row r0 + r: the sum of the group's
-// query heads in ring row r0 + r, or for group-max-prob one head's query.
-template <int kHeadDim>
-__device__ __forceinline__ void LoadQueries(const Params& p, int seq, int kv_head, int r0, int rows,
-                                            float (*q)[kHeadDim]) {
-  const __nv_bfloat16* base =
-      p.q + seq * p.q_seq_stride + static_cast<int64_t>(kv_head) * p.group * kHeadDim;
-  if (p.per_head) {
-    // recent_from = t - W names the ring row left out; the rows after it
-    // hold t-W+1 .. t-1.
-    const int skipped = (p.recent_from[seq] % p.window + p.window) % p.window;
-    for (int i = static_cast<int>(threadIdx.x); i < rows * kHeadDim; i += kThreads) {
-      const int r = i / kHeadDim;
-      const int d = i % kHeadDim;
-      const int row = r0 + r;
-      const int ring = (skipped + 1 + row / p.group) % p.window;
-      const __nv_bfloat16* head = base + ring * p.q_row_stride + (row % p.group) * kHeadDim + d;
-      q[r][d] = __bfloat162float(*head) * p.scale;
-    }
-    return;
-  }
-  for (int i = static_cast<int>(threadIdx.x); i < rows * kHeadDim; i += kThreads) {
-    const int r = i / kHeadDim;
-    const int d = i % kHeadDim;
-    const __nv_bfloat16* head = base + (r0 + r) * p.q_row_stride + d;
-    float sum = 0.0f;
-    for (int g = 0; g < p.group; ++g) sum += __bfloat162float(head[g * kHeadDim]);
-    q[r][d] = sum * p.scale;
-  }
+__device__ __forceinline__ internal::ScoreRowSource Source(const Params& p, int seq) {
+  return internal::MakeScoreRowSource(p.q, p.q_seq_stride, p.q_row_stride, seq, p.group, p.window,
+                                      p.per_head, p.recent_from[seq], p.scale);
 }
 
 // Rows of the pass-b chunk from score row r0. Group-max-prob takes whole
@@ -179,37 +154,12 @@ __global__ void __launch_bounds__(kThreads) RowStatsKernel(const Params p) {
   __shared__ internal::RowStats<kRowsAtOnce> run_sum;
 
   MarkCandidates(p, seq, kv_head, start, n, pos);
-  const int lane_in_row = static_cast<int>(threadIdx.x) % kRowThreads;
-  const int row = static_cast<int>(threadIdx.x) / kRowThreads;
-  const int dim0 = lane_in_row * kVec;
-  const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const int64_t stats_at =
-      (Unit(p, seq, kv_head) * p.max_partitions + partition) * static_cast<int64_t>(p.score_rows);
-
-  for (int r0 = 0; r0 < p.score_rows; r0 += kRowChunk) {
-    const int rows = min(kRowChunk, p.score_rows - r0);
-    LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
-    internal::ResetRowStats<kThreads, kRowsAtOnce>(run_max, run_sum);
-    __syncthreads();
-    // Every thread runs the same number of iterations: the shuffles need
-    // their whole warp.
-    for (int j0 = 0; j0 < n; j0 += kRowsAtOnce) {
-      const int j = j0 + row;
-      const bool candidate = j < n && pos[j] >= 0;
-      float logits[kRowChunk] = {};
-      SlotLogits<kHeadDim>(p, table, kv_head, start + j, j < n, dim0, rows, q, logits);
-#pragma unroll
-      for (int r = 0; r < kRowChunk; ++r) {
-        if (candidate && r < rows && r % kRowThreads == lane_in_row) {
-          internal::FoldLogit(logits[r], run_max[row][r], run_sum[row][r]);
-        }
-      }
-    }
-    __syncthreads();
-    internal::MergeRowStats<kThreads, kRowsAtOnce>(
-        run_max, run_sum, rows, p.part_max + stats_at + r0, p.part_sum + stats_at + r0);
-    __syncthreads();  // q and the running statistics are refilled next chunk
-  }
+      (Unit(p, seq, kv_head) * p.stats_partitions + partition) * static_cast<int64_t>(p.score_rows);
+  internal::PartitionRowStats<kHeadDim, kThreads>(
+      p.k_cache, p.block_tables + seq * p.block_table_stride, p.block_size, p.num_kv_heads, kv_head,
+      start, n, pos, Source(p, seq), p.score_rows, q, run_max, run_sum, p.part_max + stats_at,
+      p.part_sum + stats_at);
 }
 
 // Pass b: the probabilities under the global per-row softmax, for
@@ -224,10 +174,10 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
   const int kv_head = static_cast<int>(blockIdx.y);
   const int seq = static_cast<int>(blockIdx.z);
   const int slots = NumSlots(p, seq);
-  const int partitions = NumPartitions(slots);
-  if (partition >= partitions) return;
+  if (partition >= NumPartitions(slots)) return;
   const int start = partition * kPartition;
   const int n = min(kPartition, slots - start);
+  const int stats_parts = NumPartitions(slots, p.stats_partition);
 
   __shared__ __align__(16) float q[kRowChunk][kHeadDim];
   __shared__ int pos[kPartition];
@@ -252,7 +202,8 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
   const int dim0 = lane_in_row * kVec;
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
   const int64_t unit = Unit(p, seq, kv_head);
-  const int64_t stats_base = unit * p.max_partitions * p.score_rows;
+  const int64_t stats_base = unit * p.stats_partitions * p.score_rows;
+  const internal::ScoreRowSource source = Source(p, seq);
 
   for (int r0 = 0; r0 < p.score_rows;) {
     const int rows = FuseChunkRows(p, r0);
@@ -260,14 +211,14 @@ __global__ void __launch_bounds__(kThreads) FuseKernel(const Params p) {
     // ring row, whose maximum is complete at the chunk that ends it.
     [[maybe_unused]] const bool split = kPerHead && p.group > kRowChunk;
     [[maybe_unused]] const bool ends_ring_row = (r0 + rows) % p.group == 0;
-    LoadQueries<kHeadDim>(p, seq, kv_head, r0, rows, q);
+    internal::LoadScoreQueries<kHeadDim, kThreads>(source, kv_head, r0, rows, q);
     for (int r = static_cast<int>(threadIdx.x); r < rows; r += kThreads) {
       const float* maxes = p.part_max + stats_base + r0 + r;
       const float* sums = p.part_sum + stats_base + r0 + r;
       float m = -INFINITY;
-      for (int i = 0; i < partitions; ++i) m = fmaxf(m, maxes[i * p.score_rows]);
+      for (int i = 0; i < stats_parts; ++i) m = fmaxf(m, maxes[i * p.score_rows]);
       float z = 0.0f;
-      for (int i = 0; i < partitions; ++i) {
+      for (int i = 0; i < stats_parts; ++i) {
         z += Rescaled(sums[i * p.score_rows], maxes[i * p.score_rows], m);
       }
       row_max[r] = m;
@@ -368,12 +319,15 @@ __global__ void __launch_bounds__(internal::kWarpSize) VictimKernel(const Params
   if (threadIdx.x == 0) p.victims[unit] = best.slot;
 }
 
+// Passes a (unless PagedAttention ran it), b and c.
 template <int kHeadDim>
-absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
+absl::Status Launch(const Params& p, int64_t num_seqs, bool row_stats, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.max_partitions), static_cast<unsigned>(p.num_kv_heads),
                   static_cast<unsigned>(num_seqs));
-  RowStatsKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
-  RETURN_IF_ERROR(LaunchStatus("MorphKvRowStatsKernel"));
+  if (row_stats) {
+    RowStatsKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
+    RETURN_IF_ERROR(LaunchStatus("MorphKvRowStatsKernel"));
+  }
   if (p.per_head) {
     FuseKernel<kHeadDim, true><<<grid, kThreads, 0, stream>>>(p);
   } else {
@@ -385,60 +339,62 @@ absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
   return LaunchStatus("MorphKvVictimKernel");
 }
 
-}  // namespace
-
-size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
-                                  int64_t window, int64_t max_slots, bool group_max_prob) {
-  const int64_t partitions = max_slots <= kScoringPartitionSize
-                                 ? 1
-                                 : (max_slots + kScoringPartitionSize - 1) / kScoringPartitionSize;
-  const int64_t units = std::max<int64_t>(num_seqs * num_kv_heads * partitions, 1);
-  const int64_t group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
-  const int64_t rows = group_max_prob ? std::max<int64_t>(window - 1, 0) * group : window;
-  // Row maxima and exp sums, then the best scores, positions and slots.
-  return static_cast<size_t>(units * (2 * rows + 3)) * sizeof(float);
+absl::Status Dispatch(const Params& p, int64_t head_dim, int64_t num_seqs, bool row_stats,
+                      cudaStream_t stream) {
+  switch (head_dim) {
+    case 64:
+      return Launch<64>(p, num_seqs, row_stats, stream);
+    case 128:
+      return Launch<128>(p, num_seqs, row_stats, stream);
+    default:
+      return Launch<256>(p, num_seqs, row_stats, stream);
+  }
 }
 
-size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
-                                  int64_t max_slots) {
-  return MorphKvScoringScratchBytes(num_seqs, num_kv_heads, num_kv_heads, window, max_slots,
-                                    /*group_max_prob=*/false);
+int64_t Partitions(int64_t slots, int64_t size) {
+  return slots <= size ? 1 : (slots + size - 1) / size;
 }
 
-absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat16* q,
-                                  int64_t q_seq_stride, int64_t q_row_stride, int32_t* victims,
-                                  float* scores, int64_t scores_stride, void* scratch,
-                                  cudaStream_t stream) {
-  constexpr const char* kName = "MorphKvSelectVictims";
+// The checks of a window's score rows, shared by both entry points and by
+// PagedAttention's pass a.
+absl::Status CheckWindow(const char* name, int64_t num_heads, int64_t num_kv_heads, int64_t window,
+                         bool group_max_prob) {
+  RETURN_IF_ERROR(Require(window > 0 && window <= (1 << 20), name, "0 < window <= 2^20"));
+  return Require(!group_max_prob ||
+                     num_heads / num_kv_heads <= kMaxScoreRows / std::max<int64_t>(window - 1, 1),
+                 name, "(window - 1) * (num_heads / num_kv_heads) <= 2^20 for group-max-prob");
+}
+
+// The launch parameters of either entry point, checked, with the best
+// candidates in `scratch`; the caller points part_max and part_sum at the
+// statistics.
+absl::StatusOr<Params> MakeParams(const char* name, const MorphKvScoringArgs& a,
+                                  const __nv_bfloat16* q, int64_t q_seq_stride,
+                                  int64_t q_row_stride, int32_t* victims, float* scores,
+                                  int64_t scores_stride, void* scratch) {
   // Grid dimensions y and z stop at 65535.
-  RETURN_IF_ERROR(Require(a.num_seqs >= 0 && a.num_seqs <= 65535, kName, "0 <= num_seqs <= 65535"));
+  RETURN_IF_ERROR(Require(a.num_seqs >= 0 && a.num_seqs <= 65535, name, "0 <= num_seqs <= 65535"));
   RETURN_IF_ERROR(Require(a.num_kv_heads > 0 && a.num_kv_heads <= 65535 && a.num_heads > 0 &&
                               a.num_heads % a.num_kv_heads == 0,
-                          kName, "0 < num_kv_heads <= 65535 dividing num_heads"));
-  RETURN_IF_ERROR(Require(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256, kName,
+                          name, "0 < num_kv_heads <= 65535 dividing num_heads"));
+  RETURN_IF_ERROR(Require(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256, name,
                           "head_dim 64, 128 or 256"));
   RETURN_IF_ERROR(
-      Require(a.block_size > 0 && a.block_size <= (1 << 20) && a.block_table_stride >= 0, kName,
+      Require(a.block_size > 0 && a.block_size <= (1 << 20) && a.block_table_stride >= 0, name,
               "0 < block_size <= 2^20 and block_table_stride >= 0"));
-  RETURN_IF_ERROR(Require(a.max_slots >= 0 && a.max_slots <= (int64_t{1} << 30), kName,
+  RETURN_IF_ERROR(Require(a.max_slots >= 0 && a.max_slots <= (int64_t{1} << 30), name,
                           "0 <= max_slots <= 2^30"));
-  RETURN_IF_ERROR(Require(a.window > 0 && a.window <= (1 << 20), kName, "0 < window <= 2^20"));
-  RETURN_IF_ERROR(Require(
-      !a.group_max_prob ||
-          a.num_heads / a.num_kv_heads <= kMaxScoreRows / std::max<int64_t>(a.window - 1, 1),
-      kName, "(window - 1) * (num_heads / num_kv_heads) <= 2^20 for group-max-prob"));
-  RETURN_IF_ERROR(Require(a.sinks >= 0 && a.sinks <= INT_MAX, kName, "0 <= sinks < 2^31"));
-  RETURN_IF_ERROR(Require(a.positions == nullptr || a.positions_stride >= a.max_slots, kName,
+  RETURN_IF_ERROR(CheckWindow(name, a.num_heads, a.num_kv_heads, a.window, a.group_max_prob));
+  RETURN_IF_ERROR(Require(a.sinks >= 0 && a.sinks <= INT_MAX, name, "0 <= sinks < 2^31"));
+  RETURN_IF_ERROR(Require(a.positions == nullptr || a.positions_stride >= a.max_slots, name,
                           "positions_stride >= max_slots"));
-  RETURN_IF_ERROR(Require(q_row_stride >= a.num_heads * a.head_dim && q_seq_stride >= 0, kName,
+  RETURN_IF_ERROR(Require(q_row_stride >= a.num_heads * a.head_dim && q_seq_stride >= 0, name,
                           "q_row_stride >= num_heads * head_dim and q_seq_stride >= 0"));
-  RETURN_IF_ERROR(Require(scores == nullptr || scores_stride >= a.max_slots, kName,
+  RETURN_IF_ERROR(Require(scores == nullptr || scores_stride >= a.max_slots, name,
                           "scores_stride >= max_slots"));
-  RETURN_IF_ERROR(Require(Aligned16(a.k_cache), kName, "a 16-byte aligned key cache"));
-  RETURN_IF_ERROR(Require(scratch != nullptr && Aligned16(scratch), kName,
+  RETURN_IF_ERROR(Require(Aligned16(a.k_cache), name, "a 16-byte aligned key cache"));
+  RETURN_IF_ERROR(Require(scratch != nullptr && Aligned16(scratch), name,
                           "16-byte aligned scratch of MorphKvScoringScratchBytes()"));
-  if (a.num_seqs == 0) return absl::OkStatus();
-
   Params p;
   p.k_cache = a.k_cache;
   p.block_tables = a.block_tables;
@@ -450,12 +406,15 @@ absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat
   p.sinks = static_cast<int>(a.sinks);
   p.max_slots = static_cast<int>(a.max_slots);
   p.max_partitions = NumPartitions(p.max_slots);
+  p.stats_partition = kPartition;
+  p.stats_partitions = p.max_partitions;
   p.block_size = static_cast<int>(a.block_size);
   p.num_kv_heads = static_cast<int>(a.num_kv_heads);
   p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
   p.window = static_cast<int>(a.window);
   p.per_head = a.group_max_prob;
-  p.score_rows = static_cast<int>(a.group_max_prob ? (a.window - 1) * p.group : a.window);
+  p.score_rows =
+      static_cast<int>(MorphKvScoreRows(a.num_heads, a.num_kv_heads, a.window, a.group_max_prob));
   p.max_fusion = a.max_fusion;
   p.scale = a.scale;
   p.q = q;
@@ -464,20 +423,98 @@ absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat
   p.victims = victims;
   p.scores = scores;
   p.scores_stride = scores_stride;
+  p.part_max = nullptr;
+  p.part_sum = nullptr;
+  // The scratch's layout is MorphKvScoringScratchBytes()'s: the statistics
+  // of pass a, then the best candidates.
   const int64_t units = a.num_seqs * a.num_kv_heads * p.max_partitions;
-  p.part_max = static_cast<float*>(scratch);
-  p.part_sum = p.part_max + units * p.score_rows;
-  p.best_score = p.part_sum + units * p.score_rows;
+  p.best_score = static_cast<float*>(scratch) + 2 * units * p.score_rows;
   p.best_pos = reinterpret_cast<int32_t*>(p.best_score + units);
   p.best_slot = p.best_pos + units;
-  switch (a.head_dim) {
-    case 64:
-      return Launch<64>(p, a.num_seqs, stream);
-    case 128:
-      return Launch<128>(p, a.num_seqs, stream);
-    default:
-      return Launch<256>(p, a.num_seqs, stream);
-  }
+  return p;
+}
+
+}  // namespace
+
+int64_t MorphKvScoreRows(int64_t num_heads, int64_t num_kv_heads, int64_t window,
+                         bool group_max_prob) {
+  const int64_t group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
+  return group_max_prob ? std::max<int64_t>(window - 1, 0) * group : window;
+}
+
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads,
+                                  int64_t window, int64_t max_slots, bool group_max_prob) {
+  const int64_t units =
+      std::max<int64_t>(num_seqs * num_kv_heads * Partitions(max_slots, kScoringPartitionSize), 1);
+  const int64_t rows = MorphKvScoreRows(num_heads, num_kv_heads, window, group_max_prob);
+  // Row maxima and exp sums, then the best scores, positions and slots.
+  return static_cast<size_t>(units * (2 * rows + 3)) * sizeof(float);
+}
+
+size_t MorphKvScoringScratchBytes(int64_t num_seqs, int64_t num_kv_heads, int64_t window,
+                                  int64_t max_slots) {
+  return MorphKvScoringScratchBytes(num_seqs, num_kv_heads, num_kv_heads, window, max_slots,
+                                    /*group_max_prob=*/false);
+}
+
+size_t MorphKvFusedStatsBytes(int64_t num_scored, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t window, int64_t max_slots, bool group_max_prob) {
+  const int64_t units = std::max<int64_t>(
+      num_scored * num_kv_heads * Partitions(max_slots, kFusedStatsPartitionSize), 1);
+  // Never 0, so that the buffer exists even without score rows (W = 1).
+  const int64_t rows =
+      std::max<int64_t>(MorphKvScoreRows(num_heads, num_kv_heads, window, group_max_prob), 1);
+  return static_cast<size_t>(2 * units * rows) * sizeof(float);
+}
+
+absl::Status CheckFusedStats(const MorphKvFusedStats& s, int64_t num_heads, int64_t num_kv_heads,
+                             int64_t head_dim) {
+  constexpr const char* kName = "PagedAttention's MorphKV statistics";
+  RETURN_IF_ERROR(
+      Require(s.num_scored >= 0 && s.max_slots >= 0 && s.max_slots <= (int64_t{1} << 30), kName,
+              "num_scored >= 0 and 0 <= max_slots <= 2^30"));
+  RETURN_IF_ERROR(CheckWindow(kName, num_heads, num_kv_heads, s.window, s.group_max_prob));
+  RETURN_IF_ERROR(Require(s.sinks >= 0 && s.sinks <= INT_MAX, kName, "0 <= sinks < 2^31"));
+  RETURN_IF_ERROR(Require(s.positions == nullptr || s.positions_stride >= s.max_slots, kName,
+                          "positions_stride >= max_slots"));
+  RETURN_IF_ERROR(Require(s.q_row_stride >= num_heads * head_dim && s.q_seq_stride >= 0, kName,
+                          "q_row_stride >= num_heads * head_dim and q_seq_stride >= 0"));
+  return Require(s.scored_as != nullptr && s.recent_from != nullptr && s.q != nullptr &&
+                     s.stats != nullptr && Aligned16(s.stats),
+                 kName, "scored_as, recent_from, rings and 16-byte aligned statistics");
+}
+
+absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& a, const __nv_bfloat16* q,
+                                  int64_t q_seq_stride, int64_t q_row_stride, int32_t* victims,
+                                  float* scores, int64_t scores_stride, void* scratch,
+                                  cudaStream_t stream) {
+  ASSIGN_OR_RETURN(Params p, MakeParams("MorphKvSelectVictims", a, q, q_seq_stride, q_row_stride,
+                                        victims, scores, scores_stride, scratch));
+  if (a.num_seqs == 0) return absl::OkStatus();
+  const int64_t stats = a.num_seqs * a.num_kv_heads * p.stats_partitions * p.score_rows;
+  p.part_max = static_cast<float*>(scratch);
+  p.part_sum = p.part_max + stats;
+  return Dispatch(p, a.head_dim, a.num_seqs, /*row_stats=*/true, stream);
+}
+
+absl::Status MorphKvSelectVictimsFromStats(const MorphKvScoringArgs& a, const __nv_bfloat16* q,
+                                           int64_t q_seq_stride, int64_t q_row_stride,
+                                           const float* stats, int32_t* victims, float* scores,
+                                           int64_t scores_stride, void* scratch,
+                                           cudaStream_t stream) {
+  constexpr const char* kName = "MorphKvSelectVictimsFromStats";
+  ASSIGN_OR_RETURN(Params p, MakeParams(kName, a, q, q_seq_stride, q_row_stride, victims, scores,
+                                        scores_stride, scratch));
+  RETURN_IF_ERROR(Require(stats != nullptr && Aligned16(stats), kName,
+                          "16-byte aligned statistics of MorphKvFusedStatsBytes()"));
+  if (a.num_seqs == 0) return absl::OkStatus();
+  p.stats_partition = static_cast<int>(kFusedStatsPartitionSize);
+  p.stats_partitions = NumPartitions(p.max_slots, p.stats_partition);
+  const int64_t units = a.num_seqs * a.num_kv_heads * p.stats_partitions * p.score_rows;
+  // Read only: the kernels that write part_max and part_sum do not run.
+  p.part_max = const_cast<float*>(stats);
+  p.part_sum = p.part_max + units;
+  return Dispatch(p, a.head_dim, a.num_seqs, /*row_stats=*/false, stream);
 }
 
 }  // namespace morphserve::kernels::cuda

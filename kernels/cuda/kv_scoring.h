@@ -44,6 +44,14 @@
 // A softmax row needs every partition's denominator before any probability
 // is final, hence the split between a and b.
 //
+// In steady state pass a runs inside the decode attention instead
+// (PagedAttention with MorphKvFusedStats, paged_attention.h): the
+// attention's thread blocks stream exactly the keys pass a reads, so each
+// block scores its partition right after attending over it, with the keys
+// still in the caches, and MorphKvSelectVictimsFromStats runs b and c on
+// what it left. That saves one of the three passes over the keys per step
+// and a launch per layer.
+//
 // Device pointers; work is queued on `stream` and the returned status covers
 // argument checks and the launches. The engine thread owns the scratch.
 #ifndef MORPHSERVE_KERNELS_CUDA_KV_SCORING_H_
@@ -100,6 +108,11 @@ struct MorphKvScoringArgs {
   float scale = 1.0f;
 };
 
+// The score rows per (sequence, KV head): W for group-logit-sum, (W-1) * G
+// for group-max-prob.
+int64_t MorphKvScoreRows(int64_t num_heads, int64_t num_kv_heads, int64_t window,
+                         bool group_max_prob);
+
 // Device scratch for these sizes (never 0), as in MorphKvScoringArgs: it
 // grows with the score rows per (sequence, KV head), W for group-logit-sum
 // and (W-1) * num_heads / num_kv_heads for group-max-prob.
@@ -121,6 +134,57 @@ absl::Status MorphKvSelectVictims(const MorphKvScoringArgs& args, const __nv_bfl
                                   int64_t q_seq_stride, int64_t q_row_stride, int32_t* victims,
                                   float* scores, int64_t scores_stride, void* scratch,
                                   cudaStream_t stream);
+
+// Cache slots per partition of the statistics PagedAttention gathers: its
+// own partition size (kPartitionSize in paged_attention.h).
+inline constexpr int64_t kFusedStatsPartitionSize = 512;
+
+// Pass a run by PagedAttention for some of the sequences it attends to, all
+// under the same scoring settings; their scoring indices s (0 <=
+// s < num_scored) index recent_from, positions, the rings and the
+// statistics. A scored sequence's attention context must be exactly the
+// slots it scores: MorphKvSelectVictimsFromStats's num_slots[s].
+struct MorphKvFusedStats {
+  // int32 [attention num_seqs]: the scoring index of each attended
+  // sequence, or -1 for one not scored.
+  const int32_t* scored_as = nullptr;
+  // int32 [num_scored] and the positions, as in MorphKvScoringArgs.
+  const int32_t* recent_from = nullptr;
+  const int32_t* positions = nullptr;
+  int64_t positions_stride = 0;
+  int64_t sinks = 0;
+  // The rings, as for MorphKvSelectVictims: ring row r of index s at q +
+  // s * q_seq_stride + r * q_row_stride.
+  const __nv_bfloat16* q = nullptr;
+  int64_t q_seq_stride = 0;
+  int64_t q_row_stride = 0;
+  int64_t window = 0;
+  bool group_max_prob = false;
+  int64_t num_scored = 0;
+  // Bound on a scored sequence's context (its slots past it are not
+  // scored), as MorphKvSelectVictimsFromStats's max_slots.
+  int64_t max_slots = 0;
+  // MorphKvFusedStatsBytes() bytes of device memory, 16-byte aligned.
+  float* stats = nullptr;
+};
+
+size_t MorphKvFusedStatsBytes(int64_t num_scored, int64_t num_heads, int64_t num_kv_heads,
+                              int64_t window, int64_t max_slots, bool group_max_prob);
+
+// The argument checks PagedAttention runs on `stats` before its launch.
+absl::Status CheckFusedStats(const MorphKvFusedStats& stats, int64_t num_heads,
+                             int64_t num_kv_heads, int64_t head_dim);
+
+// MorphKvSelectVictims with pass a taken from PagedAttention's `stats`
+// (same stream, queued before): args and the rings as for
+// MorphKvSelectVictims, with num_seqs, max_slots, window, aggregation and
+// sinks as in the MorphKvFusedStats the attention ran with. scratch:
+// MorphKvScoringScratchBytes() bytes, 16-byte aligned.
+absl::Status MorphKvSelectVictimsFromStats(const MorphKvScoringArgs& args, const __nv_bfloat16* q,
+                                           int64_t q_seq_stride, int64_t q_row_stride,
+                                           const float* stats, int32_t* victims, float* scores,
+                                           int64_t scores_stride, void* scratch,
+                                           cudaStream_t stream);
 
 }  // namespace morphserve::kernels::cuda
 

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/kv_scoring_internal.cuh"
 #include "kernels/cuda/launch_internal.h"
 #include "kernels/cuda/paged_cache_internal.cuh"
 #include "kernels/cuda/reduce_internal.cuh"
@@ -23,6 +24,8 @@ constexpr int kPartition = static_cast<int>(kPartitionSize);
 // key and value row is read once for all of them. Larger GQA groups are
 // split over several blocks.
 constexpr int kHeadsPerBlock = 8;
+constexpr int kRowChunk = internal::kScoringRowChunk;
+static_assert(kPartitionSize == kFusedStatsPartitionSize);
 
 struct Params {
   const __nv_bfloat16* k_cache;
@@ -48,6 +51,22 @@ struct Params {
   float* partial_out;
   float* max_logits;
   float* exp_sums;
+  // MorphKV's pass a (MorphKvFusedStats), only read by the scored kernel.
+  const int32_t* scored_as;
+  const int32_t* recent_from;
+  const int32_t* positions;
+  int64_t positions_stride;
+  int sinks;
+  const __nv_bfloat16* rings;
+  int64_t ring_seq_stride;
+  int64_t ring_row_stride;
+  int window;
+  bool per_head;
+  int score_rows;
+  int scored_slots;      // max_slots
+  int stats_partitions;  // per (scored sequence, KV head)
+  float* stats_max;      // [scored][kv_head][partition][score row]
+  float* stats_sum;
 };
 
 __host__ __device__ __forceinline__ int NumPartitions(int context_len) {
@@ -67,8 +86,11 @@ __device__ __forceinline__ int ContextLen(const Params& p, int seq) {
 //      products reduced by shuffles within the row), into shared memory;
 //   2. softmax: warp w normalises heads w, w + kWarps, ...;
 //   3. values: each thread row adds p * v of one slot into per-head register
-//      accumulators, which are then summed over the rows in shared memory.
-template <int kHeadDim>
+//      accumulators, which are then summed over the rows in shared memory;
+//   4. kScored, for a sequence with a scoring index, in the first block of
+//      each KV head: MorphKV's pass a over the partition's keys, which the
+//      block has just read (internal::PartitionRowStats).
+template <int kHeadDim, bool kScored>
 __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Params p) {
   constexpr int kRowThreads = kHeadDim / kVec;
   constexpr int kRowsAtOnce = kThreads / kRowThreads;
@@ -92,7 +114,12 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Params p)
   const int dim0 = lane_in_row * kVec;
   const int32_t* table = p.block_tables + seq * p.block_table_stride;
 
-  __shared__ float logits[kHeadsPerBlock][kPartition];
+  // The logits, and in step 4 the score rows' queries after them.
+  constexpr int kLogitValues = kHeadsPerBlock * kPartition;
+  constexpr int kArea =
+      kScored && kRowChunk * kHeadDim > kLogitValues ? kRowChunk * kHeadDim : kLogitValues;
+  __shared__ __align__(16) float area[kArea];
+  auto* logits = reinterpret_cast<float(*)[kPartition]>(area);
   __shared__ float head_max[kHeadsPerBlock];
   __shared__ float head_sum[kHeadsPerBlock];
   __shared__ __align__(16) float row_acc[kRowsAtOnce][kHeadDim];
@@ -199,6 +226,29 @@ __global__ void __launch_bounds__(kThreads) PagedAttentionKernel(const Params p)
       __syncthreads();  // row_acc is rewritten for the next head
     }
   }
+
+  // 4. Pass a. Every test here is the same for the whole block.
+  if constexpr (kScored) {
+    const int scored = p.scored_as[seq];
+    if (scored < 0 || first_in_group != 0 || start >= p.scored_slots) return;
+    __shared__ int pos[kPartition];
+    __shared__ internal::RowStats<kRowsAtOnce> run_max;
+    __shared__ internal::RowStats<kRowsAtOnce> run_sum;
+    const int scored_n = min(n, p.scored_slots - start);
+    const int64_t unit = static_cast<int64_t>(scored) * p.num_kv_heads + kv_head;
+    const int recent_from = p.recent_from[scored];
+    internal::MarkCandidates<kThreads>(
+        p.positions == nullptr ? nullptr : p.positions + unit * p.positions_stride, recent_from,
+        p.sinks, start, scored_n, pos);
+    const internal::ScoreRowSource source =
+        internal::MakeScoreRowSource(p.rings, p.ring_seq_stride, p.ring_row_stride, scored, p.group,
+                                     p.window, p.per_head, recent_from, p.scale);
+    const int64_t at = (unit * p.stats_partitions + partition) * p.score_rows;
+    internal::PartitionRowStats<kHeadDim, kThreads>(
+        p.k_cache, table, p.block_size, p.num_kv_heads, kv_head, start, scored_n, pos, source,
+        p.score_rows, reinterpret_cast<float(*)[kHeadDim]>(area), run_max, run_sum,
+        p.stats_max + at, p.stats_sum + at);
+  }
 }
 
 // Grid: (query head, sequence); thread d combines dim d of the partitions'
@@ -231,7 +281,11 @@ absl::Status Launch(const Params& p, int64_t num_seqs, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(p.max_partitions),
                   static_cast<unsigned>(p.num_kv_heads * p.blocks_per_kv_head),
                   static_cast<unsigned>(num_seqs));
-  PagedAttentionKernel<kHeadDim><<<grid, kThreads, 0, stream>>>(p);
+  if (p.scored_as != nullptr) {
+    PagedAttentionKernel<kHeadDim, true><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    PagedAttentionKernel<kHeadDim, false><<<grid, kThreads, 0, stream>>>(p);
+  }
   RETURN_IF_ERROR(LaunchStatus("PagedAttentionKernel"));
   if (p.partial_out == nullptr) return absl::OkStatus();
   const dim3 reduce_grid(static_cast<unsigned>(p.num_heads), static_cast<unsigned>(num_seqs));
@@ -250,7 +304,8 @@ size_t PagedAttentionScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t h
 }
 
 absl::Status PagedAttention(const PagedAttentionArgs& a, const __nv_bfloat16* q, int64_t q_stride,
-                            __nv_bfloat16* out, void* scratch, cudaStream_t stream) {
+                            __nv_bfloat16* out, void* scratch, cudaStream_t stream,
+                            const MorphKvFusedStats* stats) {
   constexpr const char* kName = "PagedAttention";
   // Grid dimensions y and z stop at 65535.
   RETURN_IF_ERROR(Require(a.num_seqs >= 0 && a.num_seqs <= 65535, kName, "0 <= num_seqs <= 65535"));
@@ -272,9 +327,12 @@ absl::Status PagedAttention(const PagedAttentionArgs& a, const __nv_bfloat16* q,
       PagedAttentionScratchBytes(a.num_seqs, a.num_heads, a.head_dim, a.max_context_len);
   RETURN_IF_ERROR(Require(scratch_bytes == 0 || (scratch != nullptr && Aligned16(scratch)), kName,
                           "16-byte aligned scratch of PagedAttentionScratchBytes()"));
+  if (stats != nullptr) {
+    RETURN_IF_ERROR(CheckFusedStats(*stats, a.num_heads, a.num_kv_heads, a.head_dim));
+  }
   if (a.num_seqs == 0) return absl::OkStatus();
 
-  Params p;
+  Params p{};
   p.k_cache = a.k_cache;
   p.v_cache = a.v_cache;
   p.block_tables = a.block_tables;
@@ -299,6 +357,25 @@ absl::Status PagedAttention(const PagedAttentionArgs& a, const __nv_bfloat16* q,
     p.partial_out = static_cast<float*>(scratch);
     p.max_logits = p.partial_out + rows * a.head_dim;
     p.exp_sums = p.max_logits + rows;
+  }
+  if (stats != nullptr) {
+    p.scored_as = stats->scored_as;
+    p.recent_from = stats->recent_from;
+    p.positions = stats->positions;
+    p.positions_stride = stats->positions_stride;
+    p.sinks = static_cast<int>(stats->sinks);
+    p.rings = stats->q;
+    p.ring_seq_stride = stats->q_seq_stride;
+    p.ring_row_stride = stats->q_row_stride;
+    p.window = static_cast<int>(stats->window);
+    p.per_head = stats->group_max_prob;
+    p.score_rows = static_cast<int>(
+        MorphKvScoreRows(a.num_heads, a.num_kv_heads, stats->window, stats->group_max_prob));
+    p.scored_slots = static_cast<int>(stats->max_slots);
+    p.stats_partitions = NumPartitions(p.scored_slots);
+    const int64_t values = stats->num_scored * a.num_kv_heads * p.stats_partitions * p.score_rows;
+    p.stats_max = stats->stats;
+    p.stats_sum = stats->stats + values;
   }
   switch (a.head_dim) {
     case 64:

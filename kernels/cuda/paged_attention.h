@@ -9,6 +9,11 @@
 // softmax statistics; when every context fits one partition a single kernel
 // writes the output.
 //
+// With MorphKvFusedStats it also runs the first pass of MorphKV's scoring
+// (kv_scoring.h) for the sequences given a scoring index, each thread block
+// over the keys of the partition it has just attended to, so that the
+// victims need only MorphKvSelectVictimsFromStats afterwards.
+//
 // Device pointers; work is queued on `stream` and the returned status covers
 // argument checks and the launches. The engine thread owns the scratch.
 #ifndef MORPHSERVE_KERNELS_CUDA_PAGED_ATTENTION_H_
@@ -21,6 +26,7 @@
 #include <cstdint>
 
 #include "absl/status/status.h"
+#include "kernels/cuda/kv_scoring.h"
 
 namespace morphserve::kernels::cuda {
 
@@ -61,10 +67,13 @@ size_t PagedAttentionScratchBytes(int64_t num_seqs, int64_t num_heads, int64_t h
 // context gives zeros. q: bf16, sequence s's [num_heads][head_dim] at
 // q + s * q_stride (a slice of a fused QKV product is fine); out: bf16
 // [num_seqs][num_heads][head_dim]; scratch: PagedAttentionScratchBytes()
-// bytes of device memory, 16-byte aligned (null when that is 0).
+// bytes of device memory, 16-byte aligned (null when that is 0). stats, when
+// not null: MorphKV's pass a for the sequences it scores, with the
+// attention's scale, into stats->stats; the attention output is the same
+// with or without it.
 absl::Status PagedAttention(const PagedAttentionArgs& args, const __nv_bfloat16* q,
                             int64_t q_stride, __nv_bfloat16* out, void* scratch,
-                            cudaStream_t stream);
+                            cudaStream_t stream, const MorphKvFusedStats* stats = nullptr);
 
 }  // namespace morphserve::kernels::cuda
 

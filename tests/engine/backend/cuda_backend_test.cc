@@ -68,13 +68,24 @@ std::vector<int32_t> HostPositions(const KvSequence& kv, const ModelConfig& c) {
   return out;
 }
 
+// One KV policy for every sequence, or one per sequence.
+class Policies {
+ public:
+  Policies(const KvPolicyConfig& all = {}) : each_{all} {}  // NOLINT: implicit on purpose
+  explicit Policies(std::vector<KvPolicyConfig> each) : each_(std::move(each)) {}
+  const KvPolicyConfig& For(size_t s) const { return each_.size() == 1 ? each_[0] : each_[s]; }
+
+ private:
+  std::vector<KvPolicyConfig> each_;
+};
+
 // Runs `prompts` together on `backend`, sequence s joining at step
 // join[s] (0 for all when `join` is empty): its prompt in chunks of `chunk`
 // tokens, then decodes until it has `steps` tokens, beside whatever the
 // others are doing. Each sequence's blocks come from one shuffled pool.
 Generation Generate(ForwardBackend& backend, const Model& model,
                     const std::vector<std::vector<int32_t>>& prompts, int64_t chunk,
-                    int64_t steps, absl::Status* error, const KvPolicyConfig& policy,
+                    int64_t steps, absl::Status* error, const Policies& policies,
                     const PositionsOf& positions_of, const std::vector<int64_t>& join = {}) {
   const KvCacheShape& shape = backend.cache_shape();
   const int64_t n = static_cast<int64_t>(prompts.size());
@@ -89,7 +100,7 @@ Generation Generate(ForwardBackend& backend, const Model& model,
   std::vector<std::unique_ptr<KvSequence>> kv;
   for (int64_t s = 0; s < n; ++s) {
     tables[s].assign(pool.begin() + s * per_seq, pool.begin() + (s + 1) * per_seq);
-    kv.push_back(std::make_unique<KvSequence>(policy, shape, model.config.num_heads,
+    kv.push_back(std::make_unique<KvSequence>(policies.For(s), shape, model.config.num_heads,
                                               per_seq * shape.block_size));
   }
   Generation out;
@@ -237,7 +248,8 @@ class CudaBackendTest : public testing::CudaTest {
 
   void CompareOn(const Model& model, const std::vector<std::vector<int32_t>>& prompts,
                  int64_t chunk, int64_t steps, int64_t block_size, double rel_tol,
-                 const KvPolicyConfig& policy = {}, const std::vector<int64_t>& join = {}) {
+                 const Policies& policy = {}, const std::vector<int64_t>& join = {},
+                 const std::function<void(const CudaBackend&)>& check = {}) {
     const int64_t blocks = 8 + static_cast<int64_t>(prompts.size()) *
                                    ((model.config.context_length + block_size - 1) / block_size);
     CpuBackend cpu(model, 2, blocks, block_size);
@@ -265,6 +277,7 @@ class CudaBackendTest : public testing::CudaTest {
         Generate(**gpu, model, prompts, chunk, steps, &gpu_error, policy, device_positions, join);
     ASSERT_TRUE(cpu_error.ok()) << cpu_error;
     ASSERT_TRUE(gpu_error.ok()) << gpu_error;
+    if (check) check(*cuda);
     ExpectSameGreedy(want, got, rel_tol);
     const int64_t heads = model.config.num_layers * model.config.num_kv_heads;
     for (size_t s = 0; s < prompts.size(); ++s) {
@@ -354,8 +367,12 @@ TEST_F(CudaBackendTest, MorphKvOnTheDeviceMatchesTheCpu) {
       // the kept sets still equal), so it runs prompts that keep them
       // together for long enough to check the steady state.
       const bool per_head = aggregation == MorphKvAggregation::kGroupMaxProb;
+      // Every steady eviction takes its first pass from the attention.
       CompareOn(*model, RandomPrompts({40, 7}, spec.vocab, per_head ? 14 : 8), 16, 30, 8, 0.03,
-                policy);
+                policy, {}, [](const CudaBackend& cuda) {
+                  EXPECT_GT(cuda.fused_evictions(), 0);
+                  EXPECT_EQ(cuda.unfused_evictions(), 0);
+                });
     }
   }
 }
@@ -405,6 +422,57 @@ TEST_F(CudaBackendTest, ManySequencesShareAPolicySlab) {
   ASSERT_NE(model, nullptr);
   CompareOn(*model, RandomPrompts({3, 30, 9, 1, 17, 22, 5, 12, 26, 2, 14}, spec.vocab, 17), 8, 14,
             8, 0.03, Policy(KvPolicyKind::kMorphKv, 4, 12), {0, 0, 0, 0, 0, 0, 0, 0, 6, 6, 9});
+}
+
+// The decode attention runs the first scoring pass of one MorphKV slab per
+// step, the one with the most steady evictions; a second slab's sequences
+// (other settings) are scored on their own in the same step, beside full
+// and H2O sequences. Every step equals, bit for bit, the same steps with
+// every slab scored on its own: these contexts fit one partition of either
+// pass, so both sum the same terms in the same order. (Against the CPU,
+// whose f32 cache parts from the device's bf16 one on near-ties, the
+// MorphKV tests above check the fused path.)
+TEST_F(CudaBackendTest, MixedMorphKvSettingsFuseOneSlabPerStep) {
+  const testing::TinySpec spec = Shape(4, 2, 256, 300);
+  const std::unique_ptr<Model> model = TinyModel(spec, "LlamaForCausalLM");
+  ASSERT_NE(model, nullptr);
+  const KvPolicyConfig a = Policy(KvPolicyKind::kMorphKv, 4, 12);
+  KvPolicyConfig b = Policy(KvPolicyKind::kMorphKv, 3, 16);
+  b.fusion = KvFusion::kMax;
+  b.aggregation = MorphKvAggregation::kGroupMaxProb;
+  const Policies policies({a, b, a, KvPolicyConfig{}, b, a, Policy(KvPolicyKind::kH2o, 4, 12)});
+  const std::vector<std::vector<int32_t>> prompts =
+      RandomPrompts({3, 30, 9, 5, 17, 22, 12}, spec.vocab, 18);
+  BackendOptions options;
+  options.device = "cuda";
+  options.block_size = 8;
+  options.num_blocks = 64;
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> fused = CreateBackend(*model, options);
+  absl::StatusOr<std::unique_ptr<ForwardBackend>> alone = CreateBackend(*model, options);
+  ASSERT_TRUE(fused.ok()) << fused.status();
+  ASSERT_TRUE(alone.ok()) << alone.status();
+  auto* fused_cuda = dynamic_cast<CudaBackend*>(fused->get());
+  auto* alone_cuda = dynamic_cast<CudaBackend*>(alone->get());
+  ASSERT_NE(fused_cuda, nullptr);
+  ASSERT_NE(alone_cuda, nullptr);
+  alone_cuda->set_fused_scoring(false);
+  const PositionsOf positions = [](const KvSequence&) { return std::vector<int32_t>(); };
+  const std::vector<int64_t> join = {0, 0, 0, 0, 0, 3, 0};
+  absl::Status fused_error, alone_error;
+  const Generation want =
+      Generate(**alone, *model, prompts, 8, 14, &alone_error, policies, positions, join);
+  const Generation got =
+      Generate(**fused, *model, prompts, 8, 14, &fused_error, policies, positions, join);
+  ASSERT_TRUE(alone_error.ok()) << alone_error;
+  ASSERT_TRUE(fused_error.ok()) << fused_error;
+  EXPECT_EQ(want.tokens, got.tokens);
+  EXPECT_EQ(want.logits, got.logits);
+  EXPECT_EQ(want.victims, got.victims);
+  EXPECT_GT(fused_cuda->fused_evictions(), 0);
+  EXPECT_GT(fused_cuda->unfused_evictions(), 0);
+  EXPECT_EQ(alone_cuda->fused_evictions(), 0);
+  EXPECT_EQ(alone_cuda->unfused_evictions(),
+            fused_cuda->fused_evictions() + fused_cuda->unfused_evictions());
 }
 
 TEST_F(CudaBackendTest, FixtureModelGreedyMatchesCpu) {

@@ -22,6 +22,7 @@
 #include "common/fp16.h"
 #include "kernels/cpu/kv_scoring.h"
 #include "kernels/cuda/cuda_status.h"
+#include "kernels/cuda/paged_attention.h"
 #include "tests/kernels/cuda/cuda_test_util.h"
 
 namespace morphserve::kernels::cuda {
@@ -264,9 +265,81 @@ Result RunCpu(const Case& c) {
   return out;
 }
 
+// Where the first pass (the row statistics) runs.
+enum class Route {
+  kAlone,        // MorphKvSelectVictims
+  kInAttention,  // PagedAttention with MorphKvFusedStats, then ...FromStats
+};
+
+// The route through PagedAttention: the case's sequences in reverse order
+// with their slots as contexts, after an unscored copy of the first, each
+// with its own random query. Its statistics start as NaN; the attention
+// output must be the same bits as without the statistics.
+absl::Status RunFirstPassInAttention(const Case& c, const DeviceBuffer& d_k,
+                                     const DeviceBuffer& d_recent, const DeviceBuffer& d_positions,
+                                     const DeviceBuffer& d_q, float* stats, cudaStream_t stream) {
+  const int64_t n = c.num_seqs + 1;
+  const int64_t stride = c.table_stride;
+  std::vector<int32_t> tables(n * stride), context(n), scored_as(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t seq = i == 0 ? 0 : c.num_seqs - i;
+    std::copy_n(&c.tables[seq * stride], stride, &tables[i * stride]);
+    context[i] = std::max(c.num_slots[seq], 0);
+    scored_as[i] = i == 0 ? -1 : static_cast<int32_t>(seq);
+  }
+  std::mt19937 rng(static_cast<uint32_t>(n * 31 + c.head_dim));
+  const int64_t q_stride = c.num_heads * c.head_dim;
+  ASSIGN_OR_RETURN(DeviceBuffer d_tables, Upload(tables));
+  ASSIGN_OR_RETURN(DeviceBuffer d_context, Upload(context));
+  ASSIGN_OR_RETURN(DeviceBuffer d_scored_as, Upload(scored_as));
+  ASSIGN_OR_RETURN(DeviceBuffer d_v, Upload(RandomBf16(c.k_cache.size(), 1.0f, rng)));
+  ASSIGN_OR_RETURN(DeviceBuffer d_query, Upload(RandomBf16(n * q_stride, 1.0f, rng)));
+  PagedAttentionArgs attention;
+  attention.k_cache = d_k.as<__nv_bfloat16>();
+  attention.v_cache = d_v.as<__nv_bfloat16>();
+  attention.block_tables = d_tables.as<int32_t>();
+  attention.block_table_stride = stride;
+  attention.context_lens = d_context.as<int32_t>();
+  attention.max_context_len = c.max_slots;
+  attention.num_seqs = n;
+  attention.block_size = c.block_size;
+  attention.num_heads = c.num_heads;
+  attention.num_kv_heads = c.num_kv_heads;
+  attention.head_dim = c.head_dim;
+  attention.scale = c.scale;
+  ASSIGN_OR_RETURN(DeviceBuffer d_scratch, Poisoned<uint8_t>(PagedAttentionScratchBytes(
+                                               n, c.num_heads, c.head_dim, c.max_slots)));
+  ASSIGN_OR_RETURN(DeviceBuffer d_plain, Poisoned<uint16_t>(n * q_stride));
+  ASSIGN_OR_RETURN(DeviceBuffer d_out, Poisoned<uint16_t>(n * q_stride));
+  RETURN_IF_ERROR(PagedAttention(attention, d_query.as<__nv_bfloat16>(), q_stride,
+                                 d_plain.as<__nv_bfloat16>(), d_scratch.data(), stream));
+  MorphKvFusedStats fused;
+  fused.scored_as = d_scored_as.as<int32_t>();
+  fused.recent_from = d_recent.as<int32_t>();
+  fused.positions = d_positions.as<int32_t>();
+  fused.positions_stride = c.positions_stride;
+  fused.sinks = c.sinks;
+  fused.q = d_q.as<__nv_bfloat16>();
+  fused.q_seq_stride = c.q_seq_stride;
+  fused.q_row_stride = c.q_row_stride;
+  fused.window = c.window;
+  fused.group_max_prob = c.group_max_prob;
+  fused.num_scored = c.num_seqs;
+  fused.max_slots = c.max_slots;
+  fused.stats = stats;
+  RETURN_IF_ERROR(PagedAttention(attention, d_query.as<__nv_bfloat16>(), q_stride,
+                                 d_out.as<__nv_bfloat16>(), d_scratch.data(), stream, &fused));
+  RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize"));
+  ASSIGN_OR_RETURN(const std::vector<uint16_t> plain, d_plain.ToHost<uint16_t>());
+  ASSIGN_OR_RETURN(const std::vector<uint16_t> out, d_out.ToHost<uint16_t>());
+  if (plain != out) return absl::InternalError("the scored attention changed its output");
+  return absl::OkStatus();
+}
+
 // The GPU's answer, from poisoned outputs: victims start as kUnwritten,
 // scores as NaN; scores only when `with_scores`.
-absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stream) {
+absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stream,
+                              Route route = Route::kAlone) {
   ASSIGN_OR_RETURN(DeviceBuffer d_k, Upload(c.k_cache));
   ASSIGN_OR_RETURN(DeviceBuffer d_tables, Upload(c.tables));
   ASSIGN_OR_RETURN(DeviceBuffer d_slots, Upload(c.num_slots));
@@ -302,9 +375,23 @@ absl::StatusOr<Result> RunGpu(const Case& c, bool with_scores, cudaStream_t stre
   args.max_fusion = c.max_fusion;
   args.group_max_prob = c.group_max_prob;
   args.scale = c.scale;
-  RETURN_IF_ERROR(MorphKvSelectVictims(
-      args, d_q.as<__nv_bfloat16>(), c.q_seq_stride, c.q_row_stride, d_victims.as<int32_t>(),
-      d_scores.as<float>(), out.scores_stride, d_scratch.data(), stream));
+  if (route == Route::kAlone) {
+    RETURN_IF_ERROR(MorphKvSelectVictims(
+        args, d_q.as<__nv_bfloat16>(), c.q_seq_stride, c.q_row_stride, d_victims.as<int32_t>(),
+        d_scores.as<float>(), out.scores_stride, d_scratch.data(), stream));
+  } else {
+    ASSIGN_OR_RETURN(
+        DeviceBuffer d_stats,
+        Poisoned<float>(MorphKvFusedStatsBytes(c.num_seqs, c.num_heads, c.num_kv_heads, c.window,
+                                               c.max_slots, c.group_max_prob) /
+                        sizeof(float)));
+    RETURN_IF_ERROR(
+        RunFirstPassInAttention(c, d_k, d_recent, d_positions, d_q, d_stats.as<float>(), stream));
+    RETURN_IF_ERROR(MorphKvSelectVictimsFromStats(args, d_q.as<__nv_bfloat16>(), c.q_seq_stride,
+                                                  c.q_row_stride, d_stats.as<float>(),
+                                                  d_victims.as<int32_t>(), d_scores.as<float>(),
+                                                  out.scores_stride, d_scratch.data(), stream));
+  }
   RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream), "cudaStreamSynchronize"));
   ASSIGN_OR_RETURN(out.victims, d_victims.ToHost<int32_t>());
   ASSIGN_OR_RETURN(out.scores, d_scores.ToHost<float>());
@@ -368,6 +455,15 @@ TEST_P(MorphKvScoringCudaTest, MatchesCpuReference) {
   // Without the scores, the same victims.
   ASSERT_OK_AND_ASSIGN(const Result victims_only, RunGpu(c, /*with_scores=*/false, stream_));
   EXPECT_EQ(victims_only.victims, got.victims);
+
+  // With the first pass run by the decode attention: the same answer (to
+  // within the tolerances: its partitions sum the exps in another order).
+  ASSERT_OK_AND_ASSIGN(const Result fused,
+                       RunGpu(c, /*with_scores=*/true, stream_, Route::kInAttention));
+  for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
+    ExpectSequenceMatches(c, want, fused, seq,
+                          absl::StrCat(s.candidates[seq], " candidates, in the attention"));
+  }
 }
 
 // Windows of 1, 2, 8, 32 and 40 (two row chunks); 0, 1, 17 and over 1000
@@ -422,11 +518,14 @@ TEST_F(MorphKvIdleCudaTest, SequencesWithoutSlotsAreLeftAlone) {
     c.num_slots[1] = 0;
     c.num_slots[4] = -3;
     const Result want = RunCpu(c);
-    ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_));
-    for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
-      ExpectSequenceMatches(
-          c, want, got, seq,
-          absl::StrCat(c.num_slots[seq], " slots", group_max_prob ? ", group-max-prob" : ""));
+    for (const Route route : {Route::kAlone, Route::kInAttention}) {
+      ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_, route));
+      for (int64_t seq = 0; seq < c.num_seqs; ++seq) {
+        ExpectSequenceMatches(
+            c, want, got, seq,
+            absl::StrCat(c.num_slots[seq], " slots", group_max_prob ? ", group-max-prob" : "",
+                         route == Route::kAlone ? "" : ", in the attention"));
+      }
     }
   }
 }
@@ -485,6 +584,10 @@ TEST_F(MorphKvTieCudaTest, OlderTokenGoesFirstOnExactTie) {
           }
         }
         ASSERT_OK_AND_ASSIGN(const Result got, RunGpu(c, /*with_scores=*/true, stream_));
+        // The first pass in the attention ties the same way.
+        ASSERT_OK_AND_ASSIGN(const Result fused,
+                             RunGpu(c, /*with_scores=*/false, stream_, Route::kInAttention));
+        EXPECT_EQ(fused.victims, got.victims);
         for (int64_t h = 0; h < c.num_kv_heads; ++h) {
           const float* scores = &got.scores[h * got.scores_stride];
           const float tie = scores[tied[h][0]];
@@ -553,6 +656,83 @@ TEST(MorphKvScoringArgsTest, RejectsBadShapesWithoutLaunching) {
   a.num_seqs = 0;
   EXPECT_TRUE(
       MorphKvSelectVictims(a, nullptr, 0, 8 * 128, nullptr, nullptr, 0, scratch, nullptr).ok());
+}
+
+// The first pass in the attention checks its settings before launching
+// anything, as does the rest of the choice.
+TEST(MorphKvScoringArgsTest, RejectsBadFusedStatsWithoutLaunching) {
+  alignas(16) static const __nv_bfloat16 cache[8] = {};
+  alignas(16) static float stats[8];
+  static const int32_t index[1] = {0};
+  PagedAttentionArgs attention;
+  attention.k_cache = cache;
+  attention.v_cache = cache;
+  attention.max_context_len = 100;
+  attention.num_seqs = 1;
+  attention.block_size = 16;
+  attention.num_heads = 8;
+  attention.num_kv_heads = 2;
+  attention.head_dim = 128;
+  MorphKvFusedStats good;
+  good.scored_as = index;
+  good.recent_from = index;
+  good.q = cache;
+  good.q_row_stride = 8 * 128;
+  good.window = 8;
+  good.num_scored = 1;
+  good.max_slots = 100;
+  good.stats = stats;
+  auto code = [&](const MorphKvFusedStats& f) {
+    return PagedAttention(attention, cache, 8 * 128, nullptr, nullptr, nullptr, &f).code();
+  };
+  MorphKvFusedStats f = good;
+  f.window = 0;
+  EXPECT_EQ(code(f), absl::StatusCode::kInvalidArgument);
+  f = good;
+  f.q_row_stride = 8 * 128 - 1;
+  EXPECT_EQ(code(f), absl::StatusCode::kInvalidArgument);
+  f = good;
+  f.stats = stats + 1;
+  EXPECT_EQ(code(f), absl::StatusCode::kInvalidArgument);
+  f = good;
+  f.scored_as = nullptr;
+  EXPECT_EQ(code(f), absl::StatusCode::kInvalidArgument);
+  f = good;
+  f.positions = index;
+  f.positions_stride = 99;
+  EXPECT_EQ(code(f), absl::StatusCode::kInvalidArgument);
+  f = good;
+  f.group_max_prob = true;
+  f.window = (1 << 18) + 2;
+  EXPECT_EQ(code(f), absl::StatusCode::kInvalidArgument);
+
+  MorphKvScoringArgs args;
+  args.k_cache = cache;
+  args.max_slots = 100;
+  args.num_seqs = 1;
+  args.block_size = 16;
+  args.num_heads = 8;
+  args.num_kv_heads = 2;
+  args.head_dim = 128;
+  args.window = 8;
+  EXPECT_EQ(MorphKvSelectVictimsFromStats(args, cache, 0, 8 * 128, nullptr, nullptr, nullptr, 0,
+                                          stats, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(MorphKvSelectVictimsFromStats(args, cache, 0, 8 * 128, stats + 1, nullptr, nullptr, 0,
+                                          stats, nullptr)
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// PagedAttention's partitions: per (scored sequence, KV head) and 512
+// slots, the score rows' maxima and exp sums.
+TEST(MorphKvScoringArgsTest, FusedStatsPerAttentionPartition) {
+  EXPECT_EQ(MorphKvFusedStatsBytes(4, 8, 2, 8, kFusedStatsPartitionSize, false),
+            4u * 2 * 2 * 8 * sizeof(float));
+  EXPECT_EQ(MorphKvFusedStatsBytes(4, 8, 2, 8, 4 * kFusedStatsPartitionSize + 1, true),
+            4u * 2 * 5 * 2 * 7 * 4 * sizeof(float));
+  EXPECT_GT(MorphKvFusedStatsBytes(0, 8, 2, 1, 0, true), 0u);
 }
 
 TEST(MorphKvScoringArgsTest, ScratchPerPartition) {
