@@ -189,6 +189,14 @@ double MaxAbs(const std::vector<float>& v) {
   return m;
 }
 
+double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    m = std::max(m, std::fabs(static_cast<double>(b[i]) - a[i]));
+  }
+  return m;
+}
+
 // Compares the CUDA generation with the CPU's: logits within `rel_tol` of
 // the CPU's largest logit at every step until the tokens part, which only a
 // near-tie in the CPU's logits may explain, or until the KV policy's
@@ -208,11 +216,7 @@ void ExpectSameGreedy(const Generation& cpu, const Generation& gpu, double rel_t
       const std::vector<float>& want = cpu.logits[s][i];
       const std::vector<float>& got = gpu.logits[s][i];
       const double scale = MaxAbs(want);
-      double worst = 0;
-      for (size_t v = 0; v < want.size(); ++v) {
-        worst = std::max(worst, std::fabs(static_cast<double>(got[v]) - want[v]));
-      }
-      EXPECT_LE(worst, rel_tol * scale) << "sequence " << s << " step " << i;
+      EXPECT_LE(MaxAbsDiff(want, got), rel_tol * scale) << "sequence " << s << " step " << i;
       if (cpu.tokens[s][i] != gpu.tokens[s][i]) {
         const double gap = want[cpu.tokens[s][i]] - want[gpu.tokens[s][i]];
         EXPECT_LE(gap, rel_tol * scale)
@@ -241,11 +245,7 @@ void ExpectSameTaught(const Generation& cpu, const Generation& gpu, double rel_t
       const std::vector<float>& want = cpu.logits[s][i];
       const std::vector<float>& got = gpu.logits[s][i];
       const double scale = MaxAbs(want);
-      double worst = 0;
-      for (size_t v = 0; v < want.size(); ++v) {
-        worst = std::max(worst, std::fabs(static_cast<double>(got[v]) - want[v]));
-      }
-      EXPECT_LE(worst, rel_tol * scale) << "sequence " << s << " step " << i;
+      EXPECT_LE(MaxAbsDiff(want, got), rel_tol * scale) << "sequence " << s << " step " << i;
       const double gap = want[cpu.tokens[s][i]] - want[gpu.tokens[s][i]];
       EXPECT_LE(gap, rel_tol * scale) << "sequence " << s << " step " << i << ": CUDA chose "
                                       << gpu.tokens[s][i] << ", CPU " << cpu.tokens[s][i];
