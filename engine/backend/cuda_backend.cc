@@ -443,9 +443,7 @@ absl::Status CudaBackend::RunLayers(int64_t n) {
     attention.v_cache = v_cache;
     std::optional<kc::MorphKvFusedStats> stats = FusedStats(li);
     const int32_t* scored_as = stats ? stats->scored_as : nullptr;
-    for (const SlabStep& step : slab_steps_) {
-      if (step.fused) RETURN_IF_ERROR(QueueSlabInputs(step, li));
-    }
+    if (fused_step_ != nullptr) RETURN_IF_ERROR(QueueSlabInputs(*fused_step_, li));
     for (int64_t r0 = 0; r0 < num_decode_; r0 += attention_rows_) {
       attention.num_seqs = std::min(attention_rows_, num_decode_ - r0);
       attention.block_tables = meta + meta_at_.decode_tables + r0 * table_stride_;

@@ -329,6 +329,7 @@ class CudaBackend final : public ForwardBackend {
   std::map<std::vector<int64_t>, std::unique_ptr<PolicySlab>> slabs_;  // by settings
   int64_t next_slab_id_ = 0;
   std::vector<SlabStep> slab_steps_;  // this step's
+  const SlabStep* fused_step_ = nullptr;  // the one of slab_steps_ fused, if any
   std::vector<int64_t> first_rows_;   // per batch sequence, its first device row
   DeviceBuffer policy_q_;             // bf16 [rows][qkv]: a slab's gathered query rows
   DeviceBuffer policy_scratch_, policy_scores_, keep_lists_, keep_counts_;

@@ -94,6 +94,7 @@ absl::StatusOr<size_t> CudaBackend::PlanPolicies(const ForwardBatch& batch, size
   const ModelConfig& c = model_.config;
   const int64_t kv_heads = c.num_kv_heads;
   slab_steps_.clear();
+  fused_step_ = nullptr;
   std::map<PolicySlab*, size_t> step_of;
   for (size_t i = 0; i < batch.sequences.size(); ++i) {
     const SequenceInput& seq = batch.sequences[i];
@@ -181,7 +182,10 @@ absl::StatusOr<size_t> CudaBackend::PlanPolicies(const ForwardBatch& batch, size
       fused = &step;
     }
   }
-  if (fused != nullptr && fused_scoring_) fused->fused = true;
+  if (fused != nullptr && fused_scoring_) {
+    fused->fused = true;
+    fused_step_ = fused;
+  }
   for (const SlabStep& step : slab_steps_) {
     if (step.slab->config.kind != KvPolicyKind::kMorphKv) continue;
     (step.fused ? fused_evictions_ : unfused_evictions_) += step.steady;
@@ -347,9 +351,8 @@ absl::Status CudaBackend::QueueSlabInputs(const SlabStep& step, int64_t layer) {
 }
 
 std::optional<kc::MorphKvFusedStats> CudaBackend::FusedStats(int64_t layer) const {
-  const auto step = std::find_if(slab_steps_.begin(), slab_steps_.end(),
-                                 [](const SlabStep& s) { return s.fused; });
-  if (step == slab_steps_.end()) return std::nullopt;
+  const SlabStep* step = fused_step_;
+  if (step == nullptr) return std::nullopt;
   const ModelConfig& c = model_.config;
   const PolicySlab& slab = *step->slab;
   const int32_t* meta = meta_.as<int32_t>();

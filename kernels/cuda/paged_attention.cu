@@ -349,9 +349,6 @@ absl::Status PagedAttention(const PagedAttentionArgs& a, const __nv_bfloat16* q,
   p.q = q;
   p.q_stride = q_stride;
   p.out = out;
-  p.partial_out = nullptr;
-  p.max_logits = nullptr;
-  p.exp_sums = nullptr;
   if (scratch_bytes > 0) {
     const int64_t rows = a.num_seqs * a.num_heads * p.max_partitions;
     p.partial_out = static_cast<float*>(scratch);
