@@ -102,7 +102,7 @@ void Args(benchmark::internal::Benchmark* b, std::initializer_list<int64_t> toke
 }
 
 BENCHMARK(BM_MatMul)->Apply([](benchmark::internal::Benchmark* b) { Args(b, {1, 64}); });
-BENCHMARK(BM_MatMulCold)->Apply([](benchmark::internal::Benchmark* b) { Args(b, {1}); });
+BENCHMARK(BM_MatMulCold)->Apply([](benchmark::internal::Benchmark* b) { Args(b, {1, 64}); });
 
 }  // namespace
 }  // namespace morphserve::kernels

@@ -119,11 +119,12 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
     }
   }
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  // Everything the workers need sits in one struct, so the task captures two
-  // pointers and std::function stores it without allocating.
+  // Everything the workers need sits in one struct, so the task captures one
+  // pointer and std::function stores it without allocating.
   struct Task {
     kernels::PagedAttentionArgs args;
-    const SequenceInput* seq;
+    std::span<const SequenceInput> seqs;
+    const int64_t* unit_end;  // per sequence: its units end here
     const float* q;
     float* out;
     int64_t q_dim;
@@ -135,28 +136,43 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
   task.args.num_kv_heads = c.num_kv_heads;
   task.args.head_dim = hd;
   task.args.scale = scale;
+  task.seqs = batch.sequences;
   task.q = q_.data();
   task.out = attn_.data();
   task.q_dim = c.q_dim();
-  // One unit per (token, KV head): the group's query heads share each key.
+  // One unit per (sequence, token, KV head), all sequences in one parallel
+  // loop: the group's query heads share each key, and a decode step of many
+  // short sequences is one dispatch, not one per sequence.
+  unit_end_.resize(batch.sequences.size());
+  int64_t units = 0;
+  for (size_t s = 0; s < batch.sequences.size(); ++s) {
+    units += batch.sequences[s].num_tokens * c.num_kv_heads;
+    unit_end_[s] = units;
+  }
+  task.unit_end = unit_end_.data();
   const std::function<void(int64_t, int64_t)> run = [&task](int64_t begin, int64_t end) {
     kernels::PagedAttentionArgs local = task.args;
     const int64_t kv_heads = local.num_kv_heads;
     const int64_t group_dim = local.num_heads / kv_heads * local.head_dim;
+    const int64_t* ends = task.unit_end;
+    size_t s = static_cast<size_t>(std::upper_bound(ends, ends + task.seqs.size(), begin) - ends);
     for (int64_t u = begin; u < end; ++u) {
-      const int64_t i = u / kv_heads;
-      const int64_t g = u % kv_heads;
-      const int64_t t = task.seq->token_offset + i;
-      local.context_len = task.seq->kv != nullptr ? task.seq->kv->ContextSlots(i)
-                                                  : task.seq->start_position + i + 1;
+      while (u >= ends[s]) ++s;
+      const SequenceInput& seq = task.seqs[s];
+      const int64_t local_unit = u - (ends[s] - seq.num_tokens * kv_heads);
+      const int64_t i = local_unit / kv_heads;
+      const int64_t g = local_unit % kv_heads;
+      const int64_t t = seq.token_offset + i;
+      local.block_table = seq.block_table.data();
+      local.context_len = seq.kv != nullptr ? seq.kv->ContextSlots(i) : seq.start_position + i + 1;
       kernels::PagedAttentionGroup(local, task.q + t * task.q_dim + g * group_dim, g,
                                    task.out + t * task.q_dim + g * group_dim);
     }
   };
+  pool_->ParallelFor(units, 1, run);
+  // Policies run after every sequence has attended: each touches only its
+  // own blocks, which no other sequence reads.
   for (const SequenceInput& seq : batch.sequences) {
-    task.seq = &seq;
-    task.args.block_table = seq.block_table.data();
-    pool_->ParallelFor(seq.num_tokens * c.num_kv_heads, 1, run);
     if (seq.kv != nullptr) {
       seq.kv->AfterAttention(layer, q_.data() + seq.token_offset * c.q_dim(), c.q_dim(),
                              seq.num_tokens, seq.prompt_pending, cache, seq.block_table, pool_,

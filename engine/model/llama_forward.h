@@ -76,6 +76,7 @@ class LlamaForward {
   ThreadPool* pool_;
   ForwardOptions options_;
   std::vector<float> rope_inv_freq_;
+  std::vector<int64_t> unit_end_;  // per sequence, in Attention
   std::vector<int64_t> token_positions_;  // per batch token
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_;
   std::vector<uint8_t> matmul_scratch_;

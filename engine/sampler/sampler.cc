@@ -4,6 +4,8 @@
 #include <cmath>
 #include <limits>
 
+#include "kernels/cpu/elementwise.h"
+
 namespace morphserve::engine {
 namespace {
 
@@ -11,23 +13,11 @@ bool Before(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>&
   return a.first > b.first || (a.first == b.first && a.second < b.second);
 }
 
-float LogSumExp(std::span<const float> x) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (float v : x) m = std::max(m, v);
-  if (!std::isfinite(m)) return m;
-  double sum = 0.0;
-  for (float v : x) sum += std::exp(static_cast<double>(v - m));
-  return m + static_cast<float>(std::log(sum));
-}
-
 }  // namespace
 
 int32_t ArgMax(std::span<const float> values) {
-  int32_t best = 0;
-  for (size_t i = 1; i < values.size(); ++i) {
-    if (values[i] > values[best]) best = static_cast<int32_t>(i);
-  }
-  return best;
+  return static_cast<int32_t>(
+      kernels::ArgMax(values.data(), static_cast<int64_t>(values.size())));
 }
 
 Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt_tokens)
@@ -137,7 +127,8 @@ std::vector<TokenProb> Sampler::Distribution(std::span<const float> logits) {
 
 SampleResult Sampler::Sample(std::span<float> logits) {
   SampleResult result;
-  const float lse = LogSumExp(logits);
+  const float lse =
+      kernels::LogSumExp(logits.data(), static_cast<int64_t>(logits.size()));
   if (params_.logprobs > 0) {
     const size_t n = std::min<size_t>(params_.logprobs, logits.size());
     candidates_.clear();

@@ -53,6 +53,44 @@ float SumOfSquares(const float* x, int64_t n) {
   return sum;
 }
 
+// The largest of x[0, n), ignoring NaN; -inf when there is none.
+float Max(const float* x, int64_t n) {
+  float lanes[kLanes];
+  for (float& m : lanes) m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lanes[l] = x[i + l] > lanes[l] ? x[i + l] : lanes[l];
+  }
+  for (; i < n; ++i) lanes[0] = x[i] > lanes[0] ? x[i] : lanes[0];
+  float max = lanes[0];
+  for (float m : lanes) max = m > max ? m : max;
+  return max;
+}
+
+// Sum of exp(x[i] - max), in double partial sums: the normaliser of a
+// 50k-entry vocabulary stays exact to float precision. kStore also writes
+// each exp to out (which may alias x).
+template <bool kStore>
+double ExpSum(const float* x, float max, int64_t n, float* out) {
+  double lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = Exp(x[i + l] - max);
+      if constexpr (kStore) out[i + l] = e;
+      lanes[l] += e;
+    }
+  }
+  for (; i < n; ++i) {
+    const float e = Exp(x[i] - max);
+    if constexpr (kStore) out[i] = e;
+    lanes[0] += e;
+  }
+  double sum = 0.0;
+  for (double s : lanes) sum += s;
+  return sum;
+}
+
 }  // namespace
 
 void RmsNorm(const float* x, const float* weight, float eps, int64_t n, float* out) {
@@ -78,42 +116,30 @@ void Add(float* x, const float* y, int64_t n) {
 }
 
 float SoftmaxInPlace(float* x, int64_t n) {
-  float max_lanes[kLanes];
-  for (float& m : max_lanes) m = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      max_lanes[l] = x[i + l] > max_lanes[l] ? x[i + l] : max_lanes[l];
-    }
-  }
-  for (; i < n; ++i) max_lanes[0] = x[i] > max_lanes[0] ? x[i] : max_lanes[0];
-  float max = max_lanes[0];
-  for (float m : max_lanes) max = m > max ? m : max;
+  const float max = Max(x, n);
   if (max == -std::numeric_limits<float>::infinity()) {
     // Every entry is -inf: no distribution; fall back to uniform.
     for (int64_t j = 0; j < n; ++j) x[j] = 1.0f / static_cast<float>(n);
     return max;
   }
-
-  // Double partial sums: the normaliser of a 50k-entry vocabulary stays exact
-  // to float precision.
-  double sum_lanes[kLanes] = {};
-  i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      x[i + l] = Exp(x[i + l] - max);
-      sum_lanes[l] += x[i + l];
-    }
-  }
-  for (; i < n; ++i) {
-    x[i] = Exp(x[i] - max);
-    sum_lanes[0] += x[i];
-  }
-  double sum = 0.0;
-  for (double s : sum_lanes) sum += s;
+  const double sum = ExpSum<true>(x, max, n, x);
   const float inv = static_cast<float>(1.0 / sum);
   for (int64_t j = 0; j < n; ++j) x[j] *= inv;
   return max + static_cast<float>(std::log(sum));
+}
+
+float LogSumExp(const float* x, int64_t n) {
+  const float max = Max(x, n);
+  if (!std::isfinite(max)) return max;
+  return max + static_cast<float>(std::log(ExpSum<false>(x, max, n, nullptr)));
+}
+
+int64_t ArgMax(const float* x, int64_t n) {
+  const float max = Max(x, n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] == max) return i;
+  }
+  return 0;  // empty, or nothing but NaN
 }
 
 void ApplyRope(float* x, int64_t n_heads, int64_t head_dim, int64_t rot_dim, int64_t pos,

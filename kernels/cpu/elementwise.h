@@ -23,6 +23,12 @@ void Add(float* x, const float* y, int64_t n);
 // (logsumexp), so that log-probabilities are x - result before the call.
 float SoftmaxInPlace(float* x, int64_t n);
 
+// log(sum exp(x[i])) without changing x; the maximum when it is not finite.
+float LogSumExp(const float* x, int64_t n);
+
+// The first index of the largest value, NaN ignored; 0 when there is none.
+int64_t ArgMax(const float* x, int64_t n);
+
 // Rotary embedding pairs. kAdjacent rotates (x[2i], x[2i+1]) (GGUF Llama, with
 // its permuted Q/K rows); kHalf rotates (x[i], x[i + rot/2]) (Hugging Face).
 enum class RopeStyle { kAdjacent, kHalf };

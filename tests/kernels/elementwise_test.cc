@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -159,6 +160,50 @@ TEST(ElementwiseTest, SoftmaxOfOnlyNegativeInfinityIsUniform) {
   std::vector<float> x(3, -inf);
   EXPECT_EQ(SoftmaxInPlace(x.data(), 3), -inf);
   for (float v : x) EXPECT_FLOAT_EQ(v, 1.0f / 3.0f);
+}
+
+TEST(ElementwiseTest, LogSumExpMatchesDoubleAndLeavesInputAlone) {
+  std::mt19937 rng(6);
+  for (int64_t n : {1, 2, 7, 8, 9, 31, 576, 1537, 49157}) {
+    const std::vector<float> x = RandomVector(n, 30.0f, rng);
+    double max = -1e300;
+    for (float v : x) max = std::max(max, double{v});
+    double sum = 0.0;
+    for (float v : x) sum += std::exp(v - max);
+    const double lse = max + std::log(sum);
+    const std::vector<float> before = x;
+    EXPECT_NEAR(LogSumExp(x.data(), n), lse, 1e-6 * (1.0 + std::fabs(lse))) << "n=" << n;
+    EXPECT_EQ(x, before);
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> all_neg_inf(9, -inf);
+  EXPECT_EQ(LogSumExp(all_neg_inf.data(), 9), -inf);
+  const std::vector<float> with_inf = {0.0f, inf, 1.0f};
+  EXPECT_EQ(LogSumExp(with_inf.data(), 3), inf);
+  const std::vector<float> big = {1000.0f, 999.0f, -1000.0f, -inf};
+  EXPECT_NEAR(LogSumExp(big.data(), 4), 1000.0 + std::log(1.0 + std::exp(-1.0)), 1e-3);
+}
+
+TEST(ElementwiseTest, ArgMaxIsTheFirstLargestIgnoringNan) {
+  std::mt19937 rng(7);
+  for (int64_t n : {1, 2, 7, 8, 9, 31, 576, 1537, 49157}) {
+    std::vector<float> x = RandomVector(n, 10.0f, rng);
+    // The maximum at a random place, repeated later: the first one wins.
+    std::uniform_int_distribution<int64_t> at(0, n - 1);
+    const int64_t i = at(rng);
+    x[static_cast<size_t>(i)] = 11.0f;
+    for (int64_t j = i + 1; j < n; j += 3) x[static_cast<size_t>(j)] = 11.0f;
+    EXPECT_EQ(ArgMax(x.data(), n), i) << "n=" << n;
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> with_nan = {nan, 1.0f, nan, 3.0f, 2.0f, nan, 3.0f, 0.0f, nan, -1.0f};
+  EXPECT_EQ(ArgMax(with_nan.data(), 10), 3);
+  const std::vector<float> neg_inf = {-inf, -inf, -inf};
+  EXPECT_EQ(ArgMax(neg_inf.data(), 3), 0);
+  const std::vector<float> only_nan = {nan, nan};
+  EXPECT_EQ(ArgMax(only_nan.data(), 2), 0);
+  EXPECT_EQ(ArgMax(nullptr, 0), 0);
 }
 
 // Reference rotation written directly from the definition.
