@@ -45,11 +45,20 @@ void RunMatMul(benchmark::State& state, bool cold) {
   const int64_t cols = state.range(2);
   const int64_t n_tokens = state.range(3);
   const int threads = static_cast<int>(state.range(4));
+  const bool packed = state.range(5) != 0;
   std::mt19937_64 rng(42);
   const size_t row_bytes = RowBytes(type, cols);
   const size_t matrix_bytes = row_bytes * static_cast<size_t>(rows);
   const size_t copies = cold ? kColdBytes / matrix_bytes + 1 : 1;
   std::vector<uint8_t> w = RandomBytes(matrix_bytes * copies, rng);
+  if (packed) {
+    // The packed layout has the bytes of the rows it holds (rows % 8 == 0 here).
+    std::vector<uint8_t> rows_layout = w;
+    for (size_t c = 0; c < copies; ++c) {
+      PackWeights(type, rows_layout.data() + c * matrix_bytes, row_bytes, rows, cols,
+                  w.data() + c * matrix_bytes);
+    }
+  }
   std::vector<float> x(static_cast<size_t>(n_tokens * cols));
   std::normal_distribution<float> normal;
   for (float& v : x) v = normal(rng);
@@ -65,7 +74,8 @@ void RunMatMul(benchmark::State& state, bool cold) {
                   .x_stride = cols,
                   .n_tokens = n_tokens,
                   .y = y.data(),
-                  .y_stride = rows};
+                  .y_stride = rows,
+                  .w_layout = packed ? WeightLayout::kPacked : WeightLayout::kRows};
   size_t copy = 0;
   for (auto _ : state) {
     args.w = w.data() + copy * matrix_bytes;
@@ -75,17 +85,17 @@ void RunMatMul(benchmark::State& state, bool cold) {
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * matrix_bytes));
   state.SetItemsProcessed(state.iterations() * rows * cols * n_tokens);  // multiply-adds
-  state.SetLabel(std::string(DTypeName(type)));
+  state.SetLabel(std::string(DTypeName(type)) + (packed ? " packed" : ""));
 }
 
 void BM_MatMul(benchmark::State& state) { RunMatMul(state, /*cold=*/false); }
 void BM_MatMulCold(benchmark::State& state) { RunMatMul(state, /*cold=*/true); }
 
-constexpr DType kTypes[] = {DType::kQ4_1, DType::kQ8_0, DType::kQ4_K, DType::kQ6_K, DType::kF16};
+constexpr DType kTypes[] = {DType::kQ4_0, DType::kQ4_1, DType::kQ8_0, DType::kQ4_K, DType::kQ6_K, DType::kF16};
 constexpr int64_t kShapes[][2] = {{576, 576}, {1536, 576}, {576, 1536}, {49152, 576}};
 
 void Args(benchmark::internal::Benchmark* b, std::initializer_list<int64_t> token_counts) {
-  b->ArgNames({"type", "rows", "cols", "tokens", "threads"});
+  b->ArgNames({"type", "rows", "cols", "tokens", "threads", "packed"});
   for (DType type : kTypes) {
     for (const auto& shape : kShapes) {
       // K-quant rows hold whole super-blocks of 256: of these shapes only
@@ -93,7 +103,10 @@ void Args(benchmark::internal::Benchmark* b, std::initializer_list<int64_t> toke
       if (shape[1] % GetDTypeInfo(type).block_elems != 0) continue;
       for (int64_t tokens : token_counts) {
         for (int64_t threads : {1, 2}) {
-          b->Args({static_cast<int64_t>(type), shape[0], shape[1], tokens, threads});
+          for (int64_t packed : {0, 1}) {
+            if (packed == 1 && !CanPackWeights(type)) continue;
+            b->Args({static_cast<int64_t>(type), shape[0], shape[1], tokens, threads, packed});
+          }
         }
       }
     }

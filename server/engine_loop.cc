@@ -33,6 +33,7 @@ absl::StatusOr<std::unique_ptr<EngineLoop>> EngineLoop::Create(const engine::Mod
   backend.max_step_sequences = options.max_num_seqs;
   backend.threads = options.threads;
   backend.forward.reference_kernels = options.reference_kernels;
+  backend.forward.pack_weights = options.pack_weights;
   ASSIGN_OR_RETURN(std::unique_ptr<engine::ForwardBackend> created,
                    engine::CreateBackend(model, backend));
   return std::make_unique<EngineLoop>(model, options, std::move(created));
@@ -42,7 +43,8 @@ EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options)
     : EngineLoop(model, options,
                  std::make_unique<engine::CpuBackend>(
                      model, options.threads, options.num_blocks, options.block_size,
-                     engine::ForwardOptions{.reference_kernels = options.reference_kernels})) {}
+                     engine::ForwardOptions{.reference_kernels = options.reference_kernels,
+                                            .pack_weights = options.pack_weights})) {}
 
 EngineLoop::EngineLoop(const engine::Model& model, const EngineOptions& options,
                        std::unique_ptr<engine::ForwardBackend> backend)

@@ -46,6 +46,7 @@ struct EngineOptions {
   scheduler::FullAdmission full_admission = scheduler::FullAdmission::kOptimistic;
   int threads = 0;  // 0: all cores
   bool reference_kernels = false;
+  bool pack_weights = true;  // see engine::ForwardOptions
   bool record_timeline = false;  // keep one StepSample per step (benchmarks)
   // Most requests in the engine (queued or running); beyond, Submit answers
   // ResourceExhausted at once. 0: no limit.

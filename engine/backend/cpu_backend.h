@@ -43,6 +43,7 @@ class CpuBackend final : public ForwardBackend {
   PagedKvCache cache_;
   LlamaForward forward_;
   std::map<int64_t, Sampler> samplers_;
+  std::vector<Sampler*> row_samplers_;  // per sample row, in ForwardAndSample
   std::vector<float> logits_;
 };
 

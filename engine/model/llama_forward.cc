@@ -24,7 +24,24 @@ LlamaForward::LlamaForward(const Model& model, ThreadPool* pool, ForwardOptions 
     : model_(model),
       pool_(pool),
       options_(options),
-      rope_inv_freq_(RopeInverseFrequencies(model.config)) {}
+      rope_inv_freq_(RopeInverseFrequencies(model.config)) {
+  for (const LayerWeights& l : model.weights.layers) {
+    layers_.push_back({Prepare(l.wq), Prepare(l.wk), Prepare(l.wv), Prepare(l.wo),
+                       Prepare(l.w_gate), Prepare(l.w_up), Prepare(l.w_down)});
+  }
+  output_ = Prepare(model.weights.output);
+}
+
+LlamaForward::CpuMatrix LlamaForward::Prepare(const Matrix& m) {
+  if (options_.reference_kernels || !options_.pack_weights || !kernels::CanPackWeights(m.dtype)) {
+    return {&m, m.data, kernels::WeightLayout::kRows};
+  }
+  const size_t bytes = kernels::PackedWeightBytes(m.dtype, m.rows, m.cols);
+  auto& packed = packed_.emplace_back(std::make_unique_for_overwrite<uint8_t[]>(bytes));
+  kernels::PackWeights(m.dtype, m.data, m.row_bytes, m.rows, m.cols, packed.get(), pool_);
+  packed_bytes_ += bytes;
+  return {&m, packed.get(), kernels::WeightLayout::kPacked};
+}
 
 absl::Status ValidateForwardBatch(const ModelConfig& c, const KvCacheShape& s,
                                   const ForwardBatch& batch) {
@@ -86,9 +103,10 @@ absl::Status LlamaForward::Validate(const ForwardBatch& batch, const PagedKvCach
   return ValidateForwardBatch(model_.config, cache.shape(), batch);
 }
 
-void LlamaForward::MatMul(const Matrix& w, const float* x, int64_t n_tokens, float* y) {
-  const kernels::MatMulArgs args{w.dtype, w.data, w.row_bytes, w.rows, w.cols,
-                                 x,       w.cols, n_tokens,    y,      w.rows};
+void LlamaForward::MatMul(const CpuMatrix& cm, const float* x, int64_t n_tokens, float* y) {
+  const Matrix& w = *cm.matrix;
+  const kernels::MatMulArgs args{w.dtype, cm.data, w.row_bytes, w.rows, w.cols,   x,
+                                 w.cols,  n_tokens, y,          w.rows, cm.layout};
   if (options_.reference_kernels) {
     kernels::MatMulReference(args);
     return;
@@ -210,12 +228,13 @@ absl::Status LlamaForward::Forward(const ForwardBatch& batch, PagedKvCache& cach
 
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {
     const LayerWeights& l = w.layers[layer];
+    const CpuLayer& cl = layers_[layer];
     for (int64_t t = 0; t < n; ++t) {
       kernels::RmsNorm(&x_[t * hidden], l.attn_norm, c.rms_norm_eps, hidden, &xn_[t * hidden]);
     }
-    MatMul(l.wq, xn_.data(), n, q_.data());
-    MatMul(l.wk, xn_.data(), n, k_.data());
-    MatMul(l.wv, xn_.data(), n, v_.data());
+    MatMul(cl.wq, xn_.data(), n, q_.data());
+    MatMul(cl.wk, xn_.data(), n, k_.data());
+    MatMul(cl.wv, xn_.data(), n, v_.data());
     for (int64_t t = 0; t < n; ++t) {
       float* qt = &q_[t * c.q_dim()];
       float* kt = &k_[t * c.kv_dim()];
@@ -230,15 +249,15 @@ absl::Status LlamaForward::Forward(const ForwardBatch& batch, PagedKvCache& cach
                          rope_inv_freq_.data(), c.rope_style);
     }
     Attention(batch, cache, layer);
-    MatMul(l.wo, attn_.data(), n, xn_.data());
+    MatMul(cl.wo, attn_.data(), n, xn_.data());
     for (int64_t t = 0; t < n; ++t) {
       kernels::AddRmsNorm(&x_[t * hidden], &xn_[t * hidden], l.ffn_norm, c.rms_norm_eps, hidden,
                           &xn_[t * hidden]);
     }
-    MatMul(l.w_gate, xn_.data(), n, gate_.data());
-    MatMul(l.w_up, xn_.data(), n, up_.data());
+    MatMul(cl.w_gate, xn_.data(), n, gate_.data());
+    MatMul(cl.w_up, xn_.data(), n, up_.data());
     kernels::SiluMul(gate_.data(), up_.data(), n * c.intermediate_size, gate_.data());
-    MatMul(l.w_down, gate_.data(), n, xn_.data());
+    MatMul(cl.w_down, gate_.data(), n, xn_.data());
     for (int64_t t = 0; t < n; ++t) kernels::Add(&x_[t * hidden], &xn_[t * hidden], hidden);
   }
 
@@ -262,7 +281,7 @@ absl::Status LlamaForward::Forward(const ForwardBatch& batch, PagedKvCache& cach
     }
   }
   logits->resize(static_cast<size_t>(rows * c.vocab_size));
-  MatMul(w.output, xn_.data(), rows, logits->data());
+  MatMul(output_, xn_.data(), rows, logits->data());
   return absl::OkStatus();
 }
 

@@ -86,6 +86,7 @@ void RunParallel(ThreadPool* pool, int64_t n, int64_t grain,
 }  // namespace
 
 void MatMulReference(const MatMulArgs& args) {
+  if (args.w_layout != WeightLayout::kRows) std::abort();
   std::vector<float> w(static_cast<size_t>(args.cols));
   const auto* w_bytes = static_cast<const char*>(args.w);
   for (int64_t r = 0; r < args.rows; ++r) {
@@ -167,17 +168,21 @@ void MatMulWithIsa(const MatMulArgs& args, void* scratch, ThreadPool* pool, Isa 
   struct Job {
     const MatMulArgs& args;
     RowDotFn dot;
+    PackedDotFn packed_dot;
     QuantizeRowFn quantize;
     char* quantized;  // activation rows in scratch, for quantized weights
     const char* act;  // the rows the dot products read
     size_t act_stride;
   } job{args,
         table.dot[static_cast<int>(args.w_type)],
+        table.packed_dot[static_cast<int>(args.w_type)],
         nullptr,
         nullptr,
         reinterpret_cast<const char*>(args.x),
         static_cast<size_t>(args.x_stride) * sizeof(float)};
-  if (job.dot == nullptr) std::abort();  // IsSupportedWeightType is checked at load
+  const bool packed = args.w_layout == WeightLayout::kPacked;
+  // IsSupportedWeightType is checked at load, CanPackWeights before packing.
+  if (packed ? job.packed_dot == nullptr : job.dot == nullptr) std::abort();
 
   const ActKind kind = ActKindOf(args.w_type);
   if (kind != ActKind::kFloat) {
@@ -194,6 +199,32 @@ void MatMulWithIsa(const MatMulArgs& args, void* scratch, ThreadPool* pool, Isa 
                      job.quantized + static_cast<size_t>(t) * job.act_stride);
       }
     });
+  }
+
+  if (packed) {
+    // Units of work are groups of kPackRows rows; a tile of tokens passes
+    // over a block of groups while their weights stay in L1.
+    const int64_t groups = (args.rows + kPackRows - 1) / kPackRows;
+    RunParallel(pool, groups, kRowGrain / kPackRows, [&job](int64_t g0, int64_t g1) {
+      const MatMulArgs& a = job.args;
+      const size_t group_bytes = PackedWeightBytes(a.w_type, kPackRows, a.cols);
+      const auto* w = static_cast<const char*>(a.w);
+      const int64_t block = kRowBlock / kPackRows;
+      for (int64_t gb = g0; gb < g1; gb += block) {
+        const int64_t gb_end = std::min(g1, gb + block);
+        for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokTile) {
+          const int64_t nt = std::min(kTokTile, a.n_tokens - t0);
+          const char* act_tile = job.act + static_cast<size_t>(t0) * job.act_stride;
+          for (int64_t g = gb; g < gb_end; ++g) {
+            const int n_rows = static_cast<int>(std::min(kPackRows, a.rows - g * kPackRows));
+            job.packed_dot(w + static_cast<size_t>(g) * group_bytes, a.cols, act_tile,
+                           job.act_stride, nt, a.y + t0 * a.y_stride + g * kPackRows, a.y_stride,
+                           n_rows);
+          }
+        }
+      }
+    });
+    return;
   }
 
   RunParallel(pool, args.rows, kRowGrain, [&job](int64_t r0, int64_t r1) {

@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "common/fp16.h"
+#include "kernels/cpu/packed_blocks.h"
 #include "kernels/cpu/quant_blocks.h"
 
 #if defined(__clang__)
@@ -23,6 +24,7 @@
 namespace morphserve::kernels::internal {
 namespace {
 
+constexpr bool kFusedMadd = false;
 constexpr int kVectorRegs = 16;
 
 inline __m256i MaddAcc(__m256i acc, __m256i a, __m256i b) {

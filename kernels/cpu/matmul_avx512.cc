@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "common/fp16.h"
+#include "kernels/cpu/packed_blocks.h"
 #include "kernels/cpu/quant_blocks.h"
 
 #if defined(__clang__)
@@ -26,6 +27,7 @@
 namespace morphserve::kernels::internal {
 namespace {
 
+constexpr bool kFusedMadd = true;
 constexpr int kVectorRegs = 32;
 
 inline __m256i MaddAcc(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }

@@ -39,10 +39,18 @@ using QuantizeRowFn = void (*)(const float* x, int64_t n, void* out);
 using RowDotFn = void (*)(const void* w_row, int64_t cols, const void* act, size_t act_stride,
                           int64_t n_tok, float* y, int64_t y_stride);
 
+// The packed layout: for t in [0, n_tok) and i in [0, n_rows):
+// y[t * y_stride + i] = dot(row i of a group, activation row t), where
+// `tiles` is the group's first tile (its cols / 32 tiles are consecutive)
+// and the activation rows are quantized block-32 rows.
+using PackedDotFn = void (*)(const void* tiles, int64_t cols, const void* act, size_t act_stride,
+                             int64_t n_tok, float* y, int64_t y_stride, int n_rows);
+
 struct KernelTable {
   QuantizeRowFn quantize_block32;
   QuantizeRowFn quantize_superblock;
-  RowDotFn dot[kNumDTypes];  // null for unsupported types
+  RowDotFn dot[kNumDTypes];            // null for unsupported types
+  PackedDotFn packed_dot[kNumDTypes];  // null for the types PackWeights does not take
 };
 
 const KernelTable& ScalarKernels();

@@ -8,6 +8,7 @@
 
 #include "common/fp16.h"
 #include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/packed_blocks.h"
 #include "kernels/cpu/quant_blocks.h"
 
 namespace morphserve::kernels::internal {
@@ -138,6 +139,34 @@ void DotBlock32(const void* w_row, int64_t cols, const void* act, size_t act_str
       }
     }
     for (int64_t t = 0; t < nt; ++t) y[(t0 + t) * y_stride] = acc[t];
+  }
+}
+
+// The packed layout: the same sums per (row, token) as the x86 packed
+// kernels (exact integer block dot, then isum * (d dx) + m sum in f32).
+template <typename Block>
+void DotPacked32(const void* tiles, int64_t cols, const void* act, size_t act_stride,
+                 int64_t n_tok, float* y, int64_t y_stride, int n_rows) {
+  using Tile = typename PackedOf<Block>::Tile;
+  const auto* tile = static_cast<const Tile*>(tiles);
+  const int64_t nb = cols / kQK;
+  int q[kQK];
+  for (int i = 0; i < n_rows; ++i) {
+    for (int64_t t = 0; t < n_tok; ++t) {
+      const int16_t* row = ActRow<int16_t>(act, act_stride, t);
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const Tile& tb = tile[b];
+        for (int k = 0; k < kQK; ++k) q[k] = PackedQuant(tb, i, k) - PackedOf<Block>::kOffset;
+        const int16_t* x = row + kQK * b;
+        const ActScale32& a = ActScales<ActScale32>(row, cols)[b];
+        int isum = 0;
+        for (int k = 0; k < kQK; ++k) isum += q[k] * x[k];
+        acc = std::fma(static_cast<float>(isum), HalfToFloat(tb.d[i]) * a.d, acc);
+        if constexpr (kTileHasMin<Tile>) acc = std::fma(HalfToFloat(tb.m[i]), a.sum, acc);
+      }
+      y[t * y_stride + i] = acc;
+    }
   }
 }
 
@@ -284,6 +313,11 @@ KernelTable MakeTable() {
   k.dot[static_cast<int>(DType::kQ4_K)] = DotSuperBlock<BlockQ4K>;
   k.dot[static_cast<int>(DType::kQ5_K)] = DotSuperBlock<BlockQ5K>;
   k.dot[static_cast<int>(DType::kQ6_K)] = DotSuperBlock<BlockQ6K>;
+  k.packed_dot[static_cast<int>(DType::kQ4_0)] = DotPacked32<BlockQ4_0>;
+  k.packed_dot[static_cast<int>(DType::kQ4_1)] = DotPacked32<BlockQ4_1>;
+  k.packed_dot[static_cast<int>(DType::kQ5_0)] = DotPacked32<BlockQ5_0>;
+  k.packed_dot[static_cast<int>(DType::kQ5_1)] = DotPacked32<BlockQ5_1>;
+  k.packed_dot[static_cast<int>(DType::kQ8_0)] = DotPacked32<BlockQ8_0>;
   return k;
 }
 

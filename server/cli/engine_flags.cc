@@ -26,6 +26,9 @@ void AddEngineFlags(ArgParser& p, EngineFlags* f) {
            "CUDA: decode steps of up to this many sequences replay captured CUDA graphs "
            "(0: launch every kernel each step)");
   p.AddInt("threads", &f->threads, "CPU threads for the engine (0: all cores)");
+  p.AddFlag("no-weight-packing", &f->no_weight_packing,
+            "CPU: read Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices in place instead of packing a copy "
+            "at load (saves their size in memory, halves matrix-product speed)");
 }
 
 absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& f) {
@@ -51,6 +54,7 @@ absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& 
         StrCat("--full-admission: unknown '", f.full_admission, "' (optimistic or guaranteed)"));
   }
   o.threads = static_cast<int>(f.threads);
+  o.pack_weights = !f.no_weight_packing;
   o.num_blocks = f.kv_cache_blocks;
   if (!f.kv_cache_memory.empty()) {
     ASSIGN_OR_RETURN(o.kv_cache_bytes, ParseByteSize(f.kv_cache_memory, "--kv-cache-memory"));

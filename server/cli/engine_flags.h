@@ -24,6 +24,7 @@ struct EngineFlags {
   float gpu_memory_utilization = 0.9f;
   int64_t cuda_graph_max_batch = 64;
   int64_t threads = 0;
+  bool no_weight_packing = false;
 };
 
 void AddEngineFlags(ArgParser& parser, EngineFlags* flags);

@@ -16,6 +16,7 @@
 #include "common/fp16.h"
 #include "kernels/cpu/dequantize.h"
 #include "kernels/cpu/matmul_internal.h"
+#include "kernels/cpu/packed_blocks.h"
 #include "kernels/cpu/quant_blocks.h"
 #include "tests/kernels/block_encoders.h"
 
@@ -74,6 +75,16 @@ bool IsBlock32(DType t) {
 }
 bool IsFloat(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
 
+// The layouts MatMul reads `type` in.
+std::vector<WeightLayout> LayoutsOf(DType type) {
+  if (CanPackWeights(type)) return {WeightLayout::kRows, WeightLayout::kPacked};
+  return {WeightLayout::kRows};
+}
+
+const char* LayoutName(WeightLayout layout) {
+  return layout == WeightLayout::kPacked ? "packed" : "rows";
+}
+
 // A weight matrix and activations with padded strides: the x padding holds
 // NaN so that reading past `cols` shows up in the results.
 struct Problem {
@@ -84,12 +95,20 @@ struct Problem {
   int64_t x_stride;
   int64_t y_stride;
   std::vector<uint8_t> w;
-  std::vector<float> w_f32;  // dequantized, for error bounds
+  std::vector<uint8_t> packed;  // w in the packed layout, where the type has one
+  std::vector<float> w_f32;     // dequantized, for error bounds
   std::vector<float> x;
 
-  MatMulArgs Args(float* y) const {
+  // Refreshes `packed` from `w`.
+  void Pack() {
+    if (!CanPackWeights(type)) return;
+    packed.assign(PackedWeightBytes(type, rows, cols), 0xEE);
+    PackWeights(type, w.data(), RowBytes(type, cols), rows, cols, packed.data());
+  }
+
+  MatMulArgs Args(float* y, WeightLayout layout = WeightLayout::kRows) const {
     return MatMulArgs{.w_type = type,
-                      .w = w.data(),
+                      .w = layout == WeightLayout::kPacked ? packed.data() : w.data(),
                       .w_row_bytes = RowBytes(type, cols),
                       .rows = rows,
                       .cols = cols,
@@ -97,7 +116,8 @@ struct Problem {
                       .x_stride = x_stride,
                       .n_tokens = n_tokens,
                       .y = y,
-                      .y_stride = y_stride};
+                      .y_stride = y_stride,
+                      .w_layout = layout};
   }
 };
 
@@ -105,7 +125,7 @@ struct Problem {
 // one at +-32767: 16-bit activation quantization then loses nothing.
 Problem MakeProblem(DType type, int64_t rows, int64_t cols, int64_t n_tokens, bool exact,
                     std::mt19937& rng) {
-  Problem p{type, rows, cols, n_tokens, cols + 3, rows + 2, {}, {}, {}};
+  Problem p{type, rows, cols, n_tokens, cols + 3, rows + 2, {}, {}, {}, {}};
   p.w = testing::RandomMatrix(type, rows, cols, rng);
   p.w_f32.resize(static_cast<size_t>(rows * cols));
   for (int64_t r = 0; r < rows; ++r) {
@@ -126,6 +146,7 @@ Problem MakeProblem(DType type, int64_t rows, int64_t cols, int64_t n_tokens, bo
       }
     }
   }
+  p.Pack();
   return p;
 }
 
@@ -163,12 +184,13 @@ std::vector<float> PoisonedY(const Problem& p) {
 }
 
 // Runs MatMul on `isa`; checks the y gaps and the scratch guard bytes.
-std::vector<float> RunMatMul(const Problem& p, Isa isa, ThreadPool* pool) {
+std::vector<float> RunMatMul(const Problem& p, Isa isa, ThreadPool* pool,
+                             WeightLayout layout = WeightLayout::kRows) {
   std::vector<float> y = PoisonedY(p);
   const size_t scratch_bytes = MatMulScratchBytes(p.type, p.cols, p.n_tokens);
   // Offset by one byte: MatMul must not rely on the scratch alignment.
   std::vector<uint8_t> scratch(scratch_bytes + 1 + kGuardBytes, kGuardByte);
-  internal::MatMulWithIsa(p.Args(y.data()), scratch.data() + 1, pool, isa);
+  internal::MatMulWithIsa(p.Args(y.data(), layout), scratch.data() + 1, pool, isa);
   EXPECT_EQ(scratch[0], kGuardByte);
   for (size_t i = scratch_bytes + 1; i < scratch.size(); ++i) {
     EXPECT_EQ(scratch[i], kGuardByte) << "scratch overrun at " << i - 1;
@@ -181,10 +203,12 @@ std::vector<float> RunMatMul(const Problem& p, Isa isa, ThreadPool* pool) {
   return y;
 }
 
-std::string Describe(const Problem& p, Isa isa, int threads) {
+std::string Describe(const Problem& p, Isa isa, int threads,
+                     WeightLayout layout = WeightLayout::kRows) {
   return std::string(DTypeName(p.type)) + " rows=" + std::to_string(p.rows) +
          " cols=" + std::to_string(p.cols) + " tokens=" + std::to_string(p.n_tokens) +
-         " isa=" + internal::IsaName(isa) + " threads=" + std::to_string(threads);
+         " isa=" + internal::IsaName(isa) + " threads=" + std::to_string(threads) +
+         " layout=" + LayoutName(layout);
 }
 
 std::vector<int64_t> ColsFor(DType t) {
@@ -205,15 +229,17 @@ TEST_P(MatMulTypeTest, MatchesReferenceWithinActivationQuantization) {
         std::vector<float> ref = PoisonedY(p);
         MatMulReference(p.Args(ref.data()));
         for (Isa isa : SupportedIsas()) {
-          for (int threads : {1, 2, 3}) {
-            const std::vector<float> y = RunMatMul(p, isa, Pool(threads));
-            for (int64_t t = 0; t < n_tokens; ++t) {
-              for (int64_t r = 0; r < rows; ++r) {
-                const size_t i = static_cast<size_t>(t * p.y_stride + r);
-                ASSERT_TRUE(std::isfinite(y[i]))
-                    << Describe(p, isa, threads) << " t=" << t << " r=" << r;
-                ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, !IsFloat(type)))
-                    << Describe(p, isa, threads) << " t=" << t << " r=" << r;
+          for (WeightLayout layout : LayoutsOf(type)) {
+            for (int threads : {1, 2, 3}) {
+              const std::vector<float> y = RunMatMul(p, isa, Pool(threads), layout);
+              for (int64_t t = 0; t < n_tokens; ++t) {
+                for (int64_t r = 0; r < rows; ++r) {
+                  const size_t i = static_cast<size_t>(t * p.y_stride + r);
+                  ASSERT_TRUE(std::isfinite(y[i]))
+                      << Describe(p, isa, threads, layout) << " t=" << t << " r=" << r;
+                  ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, !IsFloat(type)))
+                      << Describe(p, isa, threads, layout) << " t=" << t << " r=" << r;
+                }
               }
             }
           }
@@ -234,12 +260,14 @@ TEST_P(MatMulTypeTest, ExactActivationsMatchReferenceTightly) {
     std::vector<float> ref = PoisonedY(p);
     MatMulReference(p.Args(ref.data()));
     for (Isa isa : SupportedIsas()) {
-      const std::vector<float> y = RunMatMul(p, isa, Pool(2));
-      for (int64_t t = 0; t < n_tokens; ++t) {
-        for (int64_t r = 0; r < p.rows; ++r) {
-          const size_t i = static_cast<size_t>(t * p.y_stride + r);
-          ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, /*quantized=*/false))
-              << Describe(p, isa, 2) << " t=" << t << " r=" << r;
+      for (WeightLayout layout : LayoutsOf(type)) {
+        const std::vector<float> y = RunMatMul(p, isa, Pool(2), layout);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+          for (int64_t r = 0; r < p.rows; ++r) {
+            const size_t i = static_cast<size_t>(t * p.y_stride + r);
+            ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, /*quantized=*/false))
+                << Describe(p, isa, 2, layout) << " t=" << t << " r=" << r;
+          }
         }
       }
     }
@@ -247,22 +275,30 @@ TEST_P(MatMulTypeTest, ExactActivationsMatchReferenceTightly) {
 }
 
 // The SIMD kernels see the same quantized activations as the scalar ones,
-// so they differ only in the order of f32 additions.
+// so they differ only in the order of f32 additions; the packed kernels do
+// the same f32 operations in the same order on every ISA, so they agree
+// bit for bit.
 TEST_P(MatMulTypeTest, SimdMatchesScalar) {
   const DType type = GetParam();
   std::mt19937 rng(static_cast<unsigned>(type) + 300);
   for (int64_t n_tokens : {1, 4, 7}) {
     const int64_t cols = ColsFor(type).back();
     const Problem p = MakeProblem(type, 37, cols, n_tokens, /*exact=*/false, rng);
-    const std::vector<float> scalar = RunMatMul(p, Isa::kScalar, Pool(1));
-    for (Isa isa : SupportedIsas()) {
-      if (isa == Isa::kScalar) continue;
-      const std::vector<float> y = RunMatMul(p, isa, Pool(3));
-      for (int64_t t = 0; t < n_tokens; ++t) {
-        for (int64_t r = 0; r < p.rows; ++r) {
-          const size_t i = static_cast<size_t>(t * p.y_stride + r);
-          ASSERT_NEAR(y[i], scalar[i], ErrorBound(p, r, t, /*quantized=*/false))
-              << Describe(p, isa, 3) << " t=" << t << " r=" << r;
+    for (WeightLayout layout : LayoutsOf(type)) {
+      const std::vector<float> scalar = RunMatMul(p, Isa::kScalar, Pool(1), layout);
+      for (Isa isa : SupportedIsas()) {
+        if (isa == Isa::kScalar) continue;
+        const std::vector<float> y = RunMatMul(p, isa, Pool(3), layout);
+        for (int64_t t = 0; t < n_tokens; ++t) {
+          for (int64_t r = 0; r < p.rows; ++r) {
+            const size_t i = static_cast<size_t>(t * p.y_stride + r);
+            if (layout == WeightLayout::kPacked) {
+              ASSERT_EQ(y[i], scalar[i]) << Describe(p, isa, 3, layout) << " t=" << t << " r=" << r;
+            } else {
+              ASSERT_NEAR(y[i], scalar[i], ErrorBound(p, r, t, /*quantized=*/false))
+                  << Describe(p, isa, 3, layout) << " t=" << t << " r=" << r;
+            }
+          }
         }
       }
     }
@@ -297,21 +333,23 @@ TEST_P(MatMulTypeTest, OutputsDoNotDependOnTheBatch) {
   const int64_t cols = ColsFor(type).back();
   const Problem p = MakeProblem(type, 21, cols, 38, /*exact=*/false, rng);
   for (Isa isa : SupportedIsas()) {
-    const std::vector<float> batch = RunMatMul(p, isa, Pool(3));
-    // Sub-batches of 1, 2, 3, 5 and 7 tokens at every offset.
-    for (int64_t n : {1, 2, 3, 5, 7}) {
-      for (int64_t t0 = 0; t0 + n <= p.n_tokens; t0 += n) {
-        std::vector<float> y(static_cast<size_t>(n * p.y_stride));
-        std::vector<uint8_t> scratch(MatMulScratchBytes(type, cols, n));
-        MatMulArgs args = p.Args(y.data());
-        args.x = p.x.data() + t0 * p.x_stride;
-        args.n_tokens = n;
-        internal::MatMulWithIsa(args, scratch.data(), Pool(n % 2 + 1), isa);
-        for (int64_t t = 0; t < n; ++t) {
-          ASSERT_EQ(std::memcmp(y.data() + t * p.y_stride, batch.data() + (t0 + t) * p.y_stride,
-                                static_cast<size_t>(p.rows) * sizeof(float)),
-                    0)
-              << Describe(p, isa, 3) << " token " << t0 + t << " in a batch of " << n;
+    for (WeightLayout layout : LayoutsOf(type)) {
+      const std::vector<float> batch = RunMatMul(p, isa, Pool(3), layout);
+      // Sub-batches of 1, 2, 3, 5 and 7 tokens at every offset.
+      for (int64_t n : {1, 2, 3, 5, 7}) {
+        for (int64_t t0 = 0; t0 + n <= p.n_tokens; t0 += n) {
+          std::vector<float> y(static_cast<size_t>(n * p.y_stride));
+          std::vector<uint8_t> scratch(MatMulScratchBytes(type, cols, n));
+          MatMulArgs args = p.Args(y.data(), layout);
+          args.x = p.x.data() + t0 * p.x_stride;
+          args.n_tokens = n;
+          internal::MatMulWithIsa(args, scratch.data(), Pool(n % 2 + 1), isa);
+          for (int64_t t = 0; t < n; ++t) {
+            ASSERT_EQ(std::memcmp(y.data() + t * p.y_stride, batch.data() + (t0 + t) * p.y_stride,
+                                  static_cast<size_t>(p.rows) * sizeof(float)),
+                      0)
+                << Describe(p, isa, 3, layout) << " token " << t0 + t << " in a batch of " << n;
+          }
         }
       }
     }
@@ -348,6 +386,7 @@ TEST_P(MatMulTypeTest, ExtremeValuesDoNotOverflow) {
     DequantizeRow(type, p.w.data() + r * RowBytes(type, p.cols), p.w_f32.data() + r * p.cols,
                   p.cols);
   }
+  p.Pack();
   for (int64_t t = 0; t < p.n_tokens; ++t) {
     for (int64_t k = 0; k < p.cols; ++k) {
       p.x[static_cast<size_t>(t * p.x_stride + k)] = p.w_f32[k] < 0 ? -1.0f : 1.0f;
@@ -356,14 +395,75 @@ TEST_P(MatMulTypeTest, ExtremeValuesDoNotOverflow) {
   std::vector<float> ref = PoisonedY(p);
   MatMulReference(p.Args(ref.data()));
   for (Isa isa : SupportedIsas()) {
-    const std::vector<float> y = RunMatMul(p, isa, Pool(2));
-    for (int64_t t = 0; t < p.n_tokens; ++t) {
-      for (int64_t r = 0; r < p.rows; ++r) {
-        const size_t i = static_cast<size_t>(t * p.y_stride + r);
-        ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, /*quantized=*/true))
-            << Describe(p, isa, 2) << " t=" << t << " r=" << r;
+    for (WeightLayout layout : LayoutsOf(type)) {
+      const std::vector<float> y = RunMatMul(p, isa, Pool(2), layout);
+      for (int64_t t = 0; t < p.n_tokens; ++t) {
+        for (int64_t r = 0; r < p.rows; ++r) {
+          const size_t i = static_cast<size_t>(t * p.y_stride + r);
+          ASSERT_NEAR(y[i], ref[i], ErrorBound(p, r, t, /*quantized=*/true))
+              << Describe(p, isa, 2, layout) << " t=" << t << " r=" << r;
+        }
       }
     }
+  }
+}
+
+// Reads a packed matrix back through PackedQuant: every row's scales and
+// quants where packed_blocks.h puts them, zeros past the last row.
+template <typename Block>
+void ExpectPackedHoldsRows(const Problem& p) {
+  using Tile = typename PackedOf<Block>::Tile;
+  const int64_t nb = p.cols / kQK;
+  const auto* tiles = reinterpret_cast<const Tile*>(p.packed.data());
+  for (int64_t g = 0; g * kPackRows < p.rows; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const Tile& tile = tiles[g * nb + b];
+      for (int i = 0; i < kPackGroup; ++i) {
+        const int64_t r = g * kPackRows + i;
+        const float d = HalfToFloat(tile.d[i]);
+        float m = 0.0f;
+        if constexpr (kTileHasMin<Tile>) m = HalfToFloat(tile.m[i]);
+        for (int k = 0; k < kQK; ++k) {
+          const int q = PackedQuant(tile, i, k);
+          if (r >= p.rows) {
+            ASSERT_EQ(q, 0) << "padding row " << i << " k=" << k;
+            ASSERT_EQ(d, 0.0f);
+            ASSERT_EQ(m, 0.0f);
+            continue;
+          }
+          const float value = d * static_cast<float>(q - PackedOf<Block>::kOffset) + m;
+          ASSERT_FLOAT_EQ(value, p.w_f32[static_cast<size_t>(r * p.cols + kQK * b + k)])
+              << "row " << r << " column " << kQK * b + k;
+        }
+      }
+    }
+  }
+}
+
+TEST_P(MatMulTypeTest, PackedTilesHoldEveryRow) {
+  const DType type = GetParam();
+  if (!CanPackWeights(type)) {
+    EXPECT_FALSE(IsBlock32(type));
+    GTEST_SKIP() << "no packed layout";
+  }
+  std::mt19937 rng(static_cast<unsigned>(type) + 600);
+  // Two groups, the second with three rows of padding.
+  const Problem p = MakeProblem(type, 13, 96, 1, /*exact=*/false, rng);
+  ASSERT_EQ(p.packed.size(), 2u * 3u * static_cast<size_t>(kPackRows) *
+                                 static_cast<size_t>(GetDTypeInfo(type).block_bytes));
+  switch (type) {
+    case DType::kQ4_0:
+      return ExpectPackedHoldsRows<BlockQ4_0>(p);
+    case DType::kQ4_1:
+      return ExpectPackedHoldsRows<BlockQ4_1>(p);
+    case DType::kQ5_0:
+      return ExpectPackedHoldsRows<BlockQ5_0>(p);
+    case DType::kQ5_1:
+      return ExpectPackedHoldsRows<BlockQ5_1>(p);
+    case DType::kQ8_0:
+      return ExpectPackedHoldsRows<BlockQ8_0>(p);
+    default:
+      FAIL() << "packed without a tile type";
   }
 }
 
@@ -418,10 +518,12 @@ TEST(MatMulTest, AllocatesNothing) {
     const Problem p = MakeProblem(type, 64, ColsFor(type).back(), 3, /*exact=*/false, rng);
     std::vector<float> y = PoisonedY(p);
     std::vector<uint8_t> scratch(MatMulScratchBytes(type, p.cols, p.n_tokens));
-    MatMul(p.Args(y.data()), scratch.data(), Pool(2));  // first call picks the ISA
-    const int64_t before = g_allocations.load();
-    MatMul(p.Args(y.data()), scratch.data(), Pool(2));
-    EXPECT_EQ(g_allocations.load(), before) << DTypeName(type);
+    for (WeightLayout layout : LayoutsOf(type)) {
+      MatMul(p.Args(y.data(), layout), scratch.data(), Pool(2));  // the first call picks the ISA
+      const int64_t before = g_allocations.load();
+      MatMul(p.Args(y.data(), layout), scratch.data(), Pool(2));
+      EXPECT_EQ(g_allocations.load(), before) << DTypeName(type) << " " << LayoutName(layout);
+    }
   }
 }
 

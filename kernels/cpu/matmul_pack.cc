@@ -1,0 +1,131 @@
+// PackWeights: rewrites block-32 weight rows into the tiles of
+// packed_blocks.h. Runs once per matrix at model load.
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "kernels/cpu/matmul.h"
+#include "kernels/cpu/packed_blocks.h"
+#include "kernels/cpu/quant_blocks.h"
+
+namespace morphserve::kernels {
+namespace {
+
+// Element k of a row-layout block as stored (before the offset).
+inline int StoredQuant(const BlockQ4_0& b, int k) {
+  return k < kQK / 2 ? b.qs[k] & 15 : b.qs[k - kQK / 2] >> 4;
+}
+inline int StoredQuant(const BlockQ4_1& b, int k) {
+  return k < kQK / 2 ? b.qs[k] & 15 : b.qs[k - kQK / 2] >> 4;
+}
+template <typename Block>
+inline int StoredQuant5(const Block& b, int k) {
+  uint32_t qh;
+  std::memcpy(&qh, b.qh, sizeof(qh));
+  const int nibble = k < kQK / 2 ? b.qs[k] & 15 : b.qs[k - kQK / 2] >> 4;
+  return nibble | static_cast<int>((qh >> k) & 1u) << 4;
+}
+inline int StoredQuant(const BlockQ5_0& b, int k) { return StoredQuant5(b, k); }
+inline int StoredQuant(const BlockQ5_1& b, int k) { return StoredQuant5(b, k); }
+inline int StoredQuant(const BlockQ8_0& b, int k) { return b.qs[k]; }
+
+// Stores element k of row i of a tile: the inverse of PackedQuant.
+template <typename Tile>
+void SetPackedQuant(Tile& tile, int i, int k, int q) {
+  const int p = k / 2;
+  const int lane = 2 * i + k % 2;
+  if constexpr (std::is_same_v<Tile, PackedQ8_0>) {
+    tile.qs[kPackGroup * 2 * p + lane] = static_cast<int8_t>(q);
+  } else {
+    uint8_t& byte = tile.qs[kPackGroup * 2 * (p % 8) + lane];
+    byte = static_cast<uint8_t>(p < 8 ? (byte & 0xF0) | (q & 15) : (byte & 0x0F) | (q & 15) << 4);
+    if constexpr (kTileHasHighBits<Tile>) {
+      tile.qh[p] = static_cast<uint16_t>(tile.qh[p] | ((q >> 4) & 1) << lane);
+    }
+  }
+}
+
+// Packs groups [g0, g1).
+template <typename Block>
+void Pack(const void* w, size_t w_row_bytes, int64_t rows, int64_t cols, void* out, int64_t g0,
+          int64_t g1) {
+  using Tile = typename PackedOf<Block>::Tile;
+  const int64_t nb = cols / kQK;
+  auto* tiles = static_cast<Tile*>(out);
+  for (int64_t g = g0; g < g1; ++g) {
+    for (int64_t b = 0; b < nb; ++b) {
+      Tile& tile = tiles[g * nb + b];
+      std::memset(&tile, 0, sizeof(tile));  // rows past the end stay zero
+      for (int i = 0; i < kPackGroup; ++i) {
+        const int64_t r = g * kPackRows + i;
+        if (r >= rows) break;
+        const auto* row = reinterpret_cast<const Block*>(static_cast<const char*>(w) +
+                                                         static_cast<size_t>(r) * w_row_bytes);
+        const Block& blk = row[b];
+        tile.d[i] = blk.d;
+        if constexpr (kTileHasMin<Tile>) tile.m[i] = blk.m;
+        for (int k = 0; k < kQK; ++k) SetPackedQuant(tile, i, k, StoredQuant(blk, k));
+      }
+    }
+  }
+}
+
+size_t TileBytes(DType type) {
+  switch (type) {
+    case DType::kQ4_0:
+      return sizeof(PackedQ4_0);
+    case DType::kQ4_1:
+      return sizeof(PackedQ4_1);
+    case DType::kQ5_0:
+      return sizeof(PackedQ5_0);
+    case DType::kQ5_1:
+      return sizeof(PackedQ5_1);
+    case DType::kQ8_0:
+      return sizeof(PackedQ8_0);
+    default:
+      return 0;
+  }
+}
+
+}  // namespace
+
+bool CanPackWeights(DType type) { return TileBytes(type) != 0; }
+
+size_t PackedWeightBytes(DType type, int64_t rows, int64_t cols) {
+  const int64_t groups = (rows + kPackRows - 1) / kPackRows;
+  return static_cast<size_t>(groups * (cols / kQK)) * TileBytes(type);
+}
+
+void PackWeights(DType type, const void* w, size_t w_row_bytes, int64_t rows, int64_t cols,
+                 void* out, ThreadPool* pool) {
+  using PackFn = void (*)(const void*, size_t, int64_t, int64_t, void*, int64_t, int64_t);
+  PackFn pack = nullptr;
+  switch (type) {
+    case DType::kQ4_0:
+      pack = Pack<BlockQ4_0>;
+      break;
+    case DType::kQ4_1:
+      pack = Pack<BlockQ4_1>;
+      break;
+    case DType::kQ5_0:
+      pack = Pack<BlockQ5_0>;
+      break;
+    case DType::kQ5_1:
+      pack = Pack<BlockQ5_1>;
+      break;
+    case DType::kQ8_0:
+      pack = Pack<BlockQ8_0>;
+      break;
+    default:
+      std::abort();  // CanPackWeights is checked first
+  }
+  const int64_t groups = (rows + kPackRows - 1) / kPackRows;
+  const auto run = [&](int64_t g0, int64_t g1) { pack(w, w_row_bytes, rows, cols, out, g0, g1); };
+  if (pool == nullptr) {
+    run(0, groups);
+  } else {
+    pool->ParallelFor(groups, 64, run);
+  }
+}
+
+}  // namespace morphserve::kernels
