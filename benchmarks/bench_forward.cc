@@ -1,7 +1,7 @@
 // Single-sequence prefill and decode throughput of the CPU forward pass, the
 // numbers llama-bench reports as pp<N> and tg<N>:
 //   bench_forward --model PATH [--threads 2] [--prompt-tokens 512]
-//                 [--gen-tokens 128] [--repeats 3] [--json]
+//                 [--gen-tokens 128] [--repeats 3] [--no-weight-packing] [--json]
 // Prefill runs the prompt in one forward pass; decode runs tokens one at a
 // time after a short prompt. Reports the median tokens/s and the peak
 // resident memory of the process.
@@ -35,6 +35,7 @@ int Main(int argc, char** argv) {
   int64_t num_layers = 0;
   int64_t threads = 2, prompt_tokens = 512, gen_tokens = 128, repeats = 3;
   bool json = false;
+  bool no_weight_packing = false;
   cli::ArgParser p("bench_forward --model PATH [options]",
                    "Measures single-sequence prefill and decode tokens/s.");
   p.AddString("model", &model_path, "model file or directory");
@@ -44,6 +45,8 @@ int Main(int argc, char** argv) {
   p.AddInt("prompt-tokens", &prompt_tokens, "tokens in the prefill measurement");
   p.AddInt("gen-tokens", &gen_tokens, "tokens in the decode measurement");
   p.AddInt("repeats", &repeats, "repetitions; the median is reported");
+  p.AddFlag("no-weight-packing", &no_weight_packing,
+            "read the weights in their row layout (see ForwardOptions::pack_weights)");
   p.AddFlag("json", &json, "print one JSON object");
   if (absl::Status s = p.Parse(argc, argv, 1); !s.ok() || p.help_requested() ||
                                                  model_path.empty()) {
@@ -71,7 +74,7 @@ int Main(int argc, char** argv) {
   std::vector<int32_t> table(blocks);
   for (int64_t b = 0; b < blocks; ++b) table[b] = static_cast<int32_t>(b);
   ThreadPool pool(static_cast<int>(threads));
-  engine::LlamaForward forward(**model, &pool);
+  engine::LlamaForward forward(**model, &pool, {.pack_weights = !no_weight_packing});
   std::mt19937 rng(1);
   std::vector<int32_t> tokens(total);
   for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % std::min<int64_t>(c.vocab_size, 32000));

@@ -1,7 +1,11 @@
 #include "engine/model/llama_forward.h"
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 
@@ -16,6 +20,31 @@ namespace {
 
 void Resize(std::vector<float>& v, size_t n) {
   if (v.size() < n) v.resize(n);
+}
+
+size_t MatrixBytes(const Matrix& m) { return static_cast<size_t>(m.rows) * m.row_bytes; }
+
+bool Overlap(const Matrix& a, const Matrix& b) {
+  const auto* a0 = static_cast<const uint8_t*>(a.data);
+  const auto* b0 = static_cast<const uint8_t*>(b.data);
+  return a0 < b0 + MatrixBytes(b) && b0 < a0 + MatrixBytes(a);
+}
+
+// Asks the kernel to reclaim the whole pages of [p, p + n) now. Their
+// contents stay (file pages are read back, anonymous ones swapped in, if
+// touched again), so this is safe on any memory; it is what keeps a
+// memory-mapped model from holding its weights twice once they are packed.
+// Kernels before 5.4 lack MADV_PAGEOUT and keep the pages.
+void ReclaimPages(const void* p, size_t n) {
+#ifdef MADV_PAGEOUT
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
+  const auto end = (reinterpret_cast<uintptr_t>(p) + n) / page * page;
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
+#else
+  (void)p;
+  (void)n;
+#endif
 }
 
 }  // namespace
@@ -40,6 +69,9 @@ LlamaForward::CpuMatrix LlamaForward::Prepare(const Matrix& m) {
   auto& packed = packed_.emplace_back(std::make_unique_for_overwrite<uint8_t[]>(bytes));
   kernels::PackWeights(m.dtype, m.data, m.row_bytes, m.rows, m.cols, packed.get(), pool_);
   packed_bytes_ += bytes;
+  // Only the packed copy is read from now on, except by token lookups when
+  // the output matrix is the (tied) embedding.
+  if (!Overlap(m, model_.weights.token_embedding)) ReclaimPages(m.data, MatrixBytes(m));
   return {&m, packed.get(), kernels::WeightLayout::kPacked};
 }
 

@@ -58,8 +58,9 @@ struct ForwardOptions {
   bool reference_kernels = false;
   // Copy the weight matrices whose type has a packed layout (Q4_0, Q4_1,
   // Q5_0, Q5_1, Q8_0) into it at construction: about twice the matrix
-  // product speed, for as much memory again as those matrices take (the
-  // model's own copy is then only read for token embeddings).
+  // product speed. The model's pages of those matrices are then handed back
+  // to the kernel (but a tied embedding's, which token lookups read), so a
+  // memory-mapped model's weights are held about once.
   bool pack_weights = true;
 };
 
