@@ -1,5 +1,6 @@
-// Per-token vector operations. Written as plain loops over independent lanes
-// so the compiler can vectorize them without -ffast-math.
+// Per-token vector operations. Written as plain loops over independent lanes,
+// or `omp simd` loops, so the compiler can vectorize them without
+// -ffast-math.
 #include "kernels/cpu/elementwise.h"
 
 #include <cmath>
@@ -7,39 +8,12 @@
 #include <cstring>
 #include <limits>
 
+#include "kernels/cpu/tile_internal.h"
+
 namespace morphserve::kernels {
 namespace {
 
 constexpr int kLanes = 8;
-
-// exp(x) within 2 ulp for x in [-87, 88]; 0 below, +inf above (both beyond
-// what the callers can tell apart). Branch-free so that loops vectorize,
-// unlike calls to std::exp.
-inline float Exp(float x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // ln 2 split so n * kLn2Hi is exact
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to integer
-  float xc = x < -87.0f ? -87.0f : x;
-  xc = xc > 88.0f ? 88.0f : xc;
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  // Minimax polynomial for exp on [-ln2/2, ln2/2] (Cephes expf).
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  float result = p * scale;
-  result = x < -87.0f ? 0.0f : result;
-  result = x > 88.0f ? std::numeric_limits<float>::infinity() : result;
-  return result;
-}
 
 float SumOfSquares(const float* x, int64_t n) {
   float acc[kLanes] = {};
@@ -67,27 +41,28 @@ float Max(const float* x, int64_t n) {
   return max;
 }
 
-// Sum of exp(x[i] - max), in double partial sums: the normaliser of a
-// 50k-entry vocabulary stays exact to float precision. kStore also writes
-// each exp to out (which may alias x).
-template <bool kStore>
-double ExpSum(const float* x, float max, int64_t n, float* out) {
-  double lanes[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float e = Exp(x[i + l] - max);
-      if constexpr (kStore) out[i + l] = e;
-      lanes[l] += e;
-    }
-  }
-  for (; i < n; ++i) {
-    const float e = Exp(x[i] - max);
-    if constexpr (kStore) out[i] = e;
-    lanes[0] += e;
-  }
+// out[i] = exp(x[i] - shift); out may alias x.
+MORPHSERVE_SIMD_CLONES
+void ExpShifted(const float* x, float shift, int64_t n, float* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = internal::ExpApprox(x[i] - shift);
+}
+
+// Sum of exp(x[i] - shift), in double: the normaliser of a 50k-entry
+// vocabulary stays exact to float precision.
+MORPHSERVE_SIMD_CLONES
+double SumExpShifted(const float* x, float shift, int64_t n) {
   double sum = 0.0;
-  for (double s : lanes) sum += s;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += internal::ExpApprox(x[i] - shift);
+  return sum;
+}
+
+MORPHSERVE_SIMD_CLONES
+double Sum(const float* x, int64_t n) {
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
   return sum;
 }
 
@@ -104,10 +79,12 @@ void AddRmsNorm(float* residual, const float* delta, const float* weight, float 
   RmsNorm(residual, weight, eps, n, out);
 }
 
+MORPHSERVE_SIMD_CLONES
 void SiluMul(const float* gate, const float* up, int64_t n, float* out) {
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
-    out[i] = g / (1.0f + Exp(-g)) * up[i];
+    out[i] = g / (1.0f + internal::ExpApprox(-g)) * up[i];
   }
 }
 
@@ -122,7 +99,8 @@ float SoftmaxInPlace(float* x, int64_t n) {
     for (int64_t j = 0; j < n; ++j) x[j] = 1.0f / static_cast<float>(n);
     return max;
   }
-  const double sum = ExpSum<true>(x, max, n, x);
+  ExpShifted(x, max, n, x);
+  const double sum = Sum(x, n);
   const float inv = static_cast<float>(1.0 / sum);
   for (int64_t j = 0; j < n; ++j) x[j] *= inv;
   return max + static_cast<float>(std::log(sum));
@@ -131,7 +109,7 @@ float SoftmaxInPlace(float* x, int64_t n) {
 float LogSumExp(const float* x, int64_t n) {
   const float max = Max(x, n);
   if (!std::isfinite(max)) return max;
-  return max + static_cast<float>(std::log(ExpSum<false>(x, max, n, nullptr)));
+  return max + static_cast<float>(std::log(SumExpShifted(x, max, n)));
 }
 
 int64_t ArgMax(const float* x, int64_t n) {

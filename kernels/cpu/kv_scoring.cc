@@ -11,10 +11,6 @@
 namespace morphserve::kernels {
 namespace {
 
-// As in paged_attention.cc: loops written for the vectorizer, compiled for
-// AVX-512, AVX2+FMA and baseline, chosen at load time.
-#define MORPHSERVE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-
 constexpr int64_t kRowsPerPass = 4;
 
 MORPHSERVE_SIMD_CLONES

@@ -168,21 +168,27 @@ void MatMulWithIsa(const MatMulArgs& args, void* scratch, ThreadPool* pool, Isa 
   struct Job {
     const MatMulArgs& args;
     RowDotFn dot;
-    PackedDotFn packed_dot;
+    PackedDotFn packed_dot;  // used instead of dot for the packed layout
+    int64_t unit_rows;       // rows per unit of work: 1, or a packed group
     QuantizeRowFn quantize;
     char* quantized;  // activation rows in scratch, for quantized weights
     const char* act;  // the rows the dot products read
     size_t act_stride;
   } job{args,
         table.dot[static_cast<int>(args.w_type)],
-        table.packed_dot[static_cast<int>(args.w_type)],
+        nullptr,
+        1,
         nullptr,
         nullptr,
         reinterpret_cast<const char*>(args.x),
         static_cast<size_t>(args.x_stride) * sizeof(float)};
-  const bool packed = args.w_layout == WeightLayout::kPacked;
-  // IsSupportedWeightType is checked at load, CanPackWeights before packing.
-  if (packed ? job.packed_dot == nullptr : job.dot == nullptr) std::abort();
+  if (args.w_layout == WeightLayout::kPacked) {
+    job.packed_dot = table.packed_dot[static_cast<int>(args.w_type)];
+    job.unit_rows = kPackRows;
+    if (job.packed_dot == nullptr) std::abort();  // CanPackWeights is checked before packing
+  } else if (job.dot == nullptr) {
+    std::abort();  // IsSupportedWeightType is checked at load
+  }
 
   const ActKind kind = ActKindOf(args.w_type);
   if (kind != ActKind::kFloat) {
@@ -201,43 +207,30 @@ void MatMulWithIsa(const MatMulArgs& args, void* scratch, ThreadPool* pool, Isa 
     });
   }
 
-  if (packed) {
-    // Units of work are groups of kPackRows rows; a tile of tokens passes
-    // over a block of groups while their weights stay in L1.
-    const int64_t groups = (args.rows + kPackRows - 1) / kPackRows;
-    RunParallel(pool, groups, kRowGrain / kPackRows, [&job](int64_t g0, int64_t g1) {
-      const MatMulArgs& a = job.args;
-      const size_t group_bytes = PackedWeightBytes(a.w_type, kPackRows, a.cols);
-      const auto* w = static_cast<const char*>(a.w);
-      const int64_t block = kRowBlock / kPackRows;
-      for (int64_t gb = g0; gb < g1; gb += block) {
-        const int64_t gb_end = std::min(g1, gb + block);
-        for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokTile) {
-          const int64_t nt = std::min(kTokTile, a.n_tokens - t0);
-          const char* act_tile = job.act + static_cast<size_t>(t0) * job.act_stride;
-          for (int64_t g = gb; g < gb_end; ++g) {
-            const int n_rows = static_cast<int>(std::min(kPackRows, a.rows - g * kPackRows));
-            job.packed_dot(w + static_cast<size_t>(g) * group_bytes, a.cols, act_tile,
-                           job.act_stride, nt, a.y + t0 * a.y_stride + g * kPackRows, a.y_stride,
-                           n_rows);
-          }
-        }
-      }
-    });
-    return;
-  }
-
-  RunParallel(pool, args.rows, kRowGrain, [&job](int64_t r0, int64_t r1) {
+  // Units are rows, or groups of kPackRows rows in the packed layout. A tile
+  // of tokens passes over a block of units while their weights stay in L1.
+  const int64_t units = (args.rows + job.unit_rows - 1) / job.unit_rows;
+  RunParallel(pool, units, kRowGrain / job.unit_rows, [&job](int64_t u0, int64_t u1) {
     const MatMulArgs& a = job.args;
     const auto* w = static_cast<const char*>(a.w);
-    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-      const int64_t rb_end = std::min(r1, rb + kRowBlock);
+    const int64_t block = kRowBlock / job.unit_rows;
+    const size_t unit_bytes = job.packed_dot != nullptr
+                                  ? PackedWeightBytes(a.w_type, kPackRows, a.cols)
+                                  : a.w_row_bytes;
+    for (int64_t ub = u0; ub < u1; ub += block) {
+      const int64_t ub_end = std::min(u1, ub + block);
       for (int64_t t0 = 0; t0 < a.n_tokens; t0 += kTokTile) {
         const int64_t nt = std::min(kTokTile, a.n_tokens - t0);
         const char* act_tile = job.act + static_cast<size_t>(t0) * job.act_stride;
-        for (int64_t r = rb; r < rb_end; ++r) {
-          job.dot(w + static_cast<size_t>(r) * a.w_row_bytes, a.cols, act_tile, job.act_stride, nt,
-                  a.y + t0 * a.y_stride + r, a.y_stride);
+        for (int64_t u = ub; u < ub_end; ++u) {
+          const char* wu = w + static_cast<size_t>(u) * unit_bytes;
+          float* yu = a.y + t0 * a.y_stride + u * job.unit_rows;
+          if (job.packed_dot != nullptr) {
+            const int rows = static_cast<int>(std::min(kPackRows, a.rows - u * kPackRows));
+            job.packed_dot(wu, a.cols, act_tile, job.act_stride, nt, yu, a.y_stride, rows);
+          } else {
+            job.dot(wu, a.cols, act_tile, job.act_stride, nt, yu, a.y_stride);
+          }
         }
       }
     }

@@ -70,55 +70,48 @@ void Pack(const void* w, size_t w_row_bytes, int64_t rows, int64_t cols, void* o
   }
 }
 
-size_t TileBytes(DType type) {
+using PackFn = void (*)(const void*, size_t, int64_t, int64_t, void*, int64_t, int64_t);
+
+struct Packer {
+  size_t tile_bytes = 0;  // 0: no packed layout
+  PackFn pack = nullptr;
+};
+
+template <typename Block>
+constexpr Packer PackerOf() {
+  return {sizeof(typename PackedOf<Block>::Tile), Pack<Block>};
+}
+
+Packer PackerFor(DType type) {
   switch (type) {
     case DType::kQ4_0:
-      return sizeof(PackedQ4_0);
+      return PackerOf<BlockQ4_0>();
     case DType::kQ4_1:
-      return sizeof(PackedQ4_1);
+      return PackerOf<BlockQ4_1>();
     case DType::kQ5_0:
-      return sizeof(PackedQ5_0);
+      return PackerOf<BlockQ5_0>();
     case DType::kQ5_1:
-      return sizeof(PackedQ5_1);
+      return PackerOf<BlockQ5_1>();
     case DType::kQ8_0:
-      return sizeof(PackedQ8_0);
+      return PackerOf<BlockQ8_0>();
     default:
-      return 0;
+      return {};
   }
 }
 
 }  // namespace
 
-bool CanPackWeights(DType type) { return TileBytes(type) != 0; }
+bool CanPackWeights(DType type) { return PackerFor(type).pack != nullptr; }
 
 size_t PackedWeightBytes(DType type, int64_t rows, int64_t cols) {
   const int64_t groups = (rows + kPackRows - 1) / kPackRows;
-  return static_cast<size_t>(groups * (cols / kQK)) * TileBytes(type);
+  return static_cast<size_t>(groups * (cols / kQK)) * PackerFor(type).tile_bytes;
 }
 
 void PackWeights(DType type, const void* w, size_t w_row_bytes, int64_t rows, int64_t cols,
                  void* out, ThreadPool* pool) {
-  using PackFn = void (*)(const void*, size_t, int64_t, int64_t, void*, int64_t, int64_t);
-  PackFn pack = nullptr;
-  switch (type) {
-    case DType::kQ4_0:
-      pack = Pack<BlockQ4_0>;
-      break;
-    case DType::kQ4_1:
-      pack = Pack<BlockQ4_1>;
-      break;
-    case DType::kQ5_0:
-      pack = Pack<BlockQ5_0>;
-      break;
-    case DType::kQ5_1:
-      pack = Pack<BlockQ5_1>;
-      break;
-    case DType::kQ8_0:
-      pack = Pack<BlockQ8_0>;
-      break;
-    default:
-      std::abort();  // CanPackWeights is checked first
-  }
+  const PackFn pack = PackerFor(type).pack;
+  if (pack == nullptr) std::abort();  // CanPackWeights is checked first
   const int64_t groups = (rows + kPackRows - 1) / kPackRows;
   const auto run = [&](int64_t g0, int64_t g1) { pack(w, w_row_bytes, rows, cols, out, g0, g1); };
   if (pool == nullptr) {

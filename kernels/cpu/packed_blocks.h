@@ -61,34 +61,25 @@ static_assert(sizeof(PackedQ5_0) == kPackGroup * sizeof(BlockQ5_0));
 static_assert(sizeof(PackedQ5_1) == kPackGroup * sizeof(BlockQ5_1));
 static_assert(sizeof(PackedQ8_0) == kPackGroup * sizeof(BlockQ8_0));
 
-// The tile type of each block type, and what its quants mean.
+// The tile type of each block type, and what its quants mean:
+// value = d * (q - kOffset) [+ m].
+template <typename TileType, int kOffsetValue>
+struct PackedTraits {
+  using Tile = TileType;
+  static constexpr int kOffset = kOffsetValue;
+};
 template <typename Block>
 struct PackedOf;
 template <>
-struct PackedOf<BlockQ4_0> {
-  using Tile = PackedQ4_0;
-  static constexpr int kOffset = 8;  // value = d * (q - kOffset) [+ m]
-};
+struct PackedOf<BlockQ4_0> : PackedTraits<PackedQ4_0, 8> {};
 template <>
-struct PackedOf<BlockQ4_1> {
-  using Tile = PackedQ4_1;
-  static constexpr int kOffset = 0;
-};
+struct PackedOf<BlockQ4_1> : PackedTraits<PackedQ4_1, 0> {};
 template <>
-struct PackedOf<BlockQ5_0> {
-  using Tile = PackedQ5_0;
-  static constexpr int kOffset = 16;
-};
+struct PackedOf<BlockQ5_0> : PackedTraits<PackedQ5_0, 16> {};
 template <>
-struct PackedOf<BlockQ5_1> {
-  using Tile = PackedQ5_1;
-  static constexpr int kOffset = 0;
-};
+struct PackedOf<BlockQ5_1> : PackedTraits<PackedQ5_1, 0> {};
 template <>
-struct PackedOf<BlockQ8_0> {
-  using Tile = PackedQ8_0;
-  static constexpr int kOffset = 0;
-};
+struct PackedOf<BlockQ8_0> : PackedTraits<PackedQ8_0, 0> {};
 
 template <typename Tile>
 inline constexpr bool kTileHasMin =

@@ -9,11 +9,6 @@
 namespace morphserve::kernels {
 namespace {
 
-// The inner loops are written for the vectorizer (`omp simd` needs only
-// -fopenmp-simd, no OpenMP runtime); target_clones compiles AVX-512, AVX2 and
-// baseline versions and picks one at load time.
-#define MORPHSERVE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
-
 MORPHSERVE_SIMD_CLONES
 float Dot(const float* a, const float* b, int64_t n) {
   float sum = 0.0f;

@@ -1,5 +1,5 @@
-// Building blocks shared by the CPU attention and KV-scoring kernels. Not a
-// public interface.
+// Building blocks shared by the CPU attention, KV-scoring and elementwise
+// kernels. Not a public interface.
 #ifndef MORPHSERVE_KERNELS_CPU_TILE_INTERNAL_H_
 #define MORPHSERVE_KERNELS_CPU_TILE_INTERNAL_H_
 
@@ -7,6 +7,11 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+
+// Loops written for the vectorizer (`omp simd` needs only -fopenmp-simd, no
+// OpenMP runtime) go in functions marked with this: target_clones compiles
+// AVX-512, AVX2 and baseline versions and picks one at load time.
+#define MORPHSERVE_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
 
 namespace morphserve::kernels::internal {
 
