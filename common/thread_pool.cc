@@ -130,4 +130,13 @@ void ThreadPool::WorkerLoop() {
   }
 }
 
+void ParallelFor(ThreadPool* pool, int64_t n, int64_t grain,
+                 const std::function<void(int64_t, int64_t)>& fn) {
+  if (pool == nullptr) {
+    fn(0, n);
+  } else {
+    pool->ParallelFor(n, grain, fn);
+  }
+}
+
 }  // namespace morphserve

@@ -60,6 +60,12 @@ class ThreadPool {
   std::condition_variable wake_;
 };
 
+// pool->ParallelFor(n, grain, fn), or fn(0, n) on the calling thread when
+// `pool` is null: for code that runs both on a pool and inside another
+// pool's task.
+void ParallelFor(ThreadPool* pool, int64_t n, int64_t grain,
+                 const std::function<void(int64_t, int64_t)>& fn);
+
 }  // namespace morphserve
 
 #endif  // MORPHSERVE_COMMON_THREAD_POOL_H_

@@ -166,7 +166,7 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
       }
     }
   };
-  pool->ParallelFor(shape_.num_kv_heads, 1, prepare);
+  ParallelFor(pool, shape_.num_kv_heads, 1, prepare);
   if (st.morph) {
     // The window logits are most of the work: split every head's slots into
     // block-aligned chunks so that all threads share it.
@@ -182,7 +182,7 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
                       std::min(st.slots, first + st.chunk), (*st.scratch)[kv_head]);
       }
     };
-    pool->ParallelFor(shape_.num_kv_heads * st.chunks, 1, logits);
+    ParallelFor(pool, shape_.num_kv_heads * st.chunks, 1, logits);
   }
   if (st.evict) {
     const std::function<void(int64_t, int64_t)> choose = [this, &st](int64_t begin,
@@ -193,7 +193,7 @@ void KvSequence::AfterAttention(int64_t layer, const float* q, int64_t q_stride,
         SelectVictim(h, *st.cache, st.table, (*st.scratch)[kv_head]);
       }
     };
-    pool->ParallelFor(shape_.num_kv_heads, 1, choose);
+    ParallelFor(pool, shape_.num_kv_heads, 1, choose);
   }
   policy_nanos_ += std::chrono::duration_cast<std::chrono::nanoseconds>(
                        std::chrono::steady_clock::now() - start)

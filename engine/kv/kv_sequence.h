@@ -105,7 +105,8 @@ class KvSequence {
   // were written and its attention ran. `q` holds the step's post-RoPE
   // queries (`n` rows, q_stride apart). `prompt_pending`: more prompt chunks
   // follow, so no selection may happen yet. `scratch` has one entry per KV
-  // head.
+  // head. `pool` splits the work over its threads; null runs it all on the
+  // calling thread (as when sequences run their hooks side by side).
   void AfterAttention(int64_t layer, const float* q, int64_t q_stride, int64_t n,
                       bool prompt_pending, PagedKvCache& cache,
                       std::span<const int32_t> block_table, ThreadPool* pool,

@@ -94,6 +94,8 @@ class LlamaForward {
   absl::Status Validate(const ForwardBatch& batch, const PagedKvCache& cache) const;
   void MatMul(const CpuMatrix& w, const float* x, int64_t n_tokens, float* y);
   void Attention(const ForwardBatch& batch, PagedKvCache& cache, int64_t layer);
+  // Each sequence's KV policy hook after the layer's attention.
+  void RunPolicies(const ForwardBatch& batch, PagedKvCache& cache, int64_t layer);
 
   const Model& model_;
   ThreadPool* pool_;
@@ -104,6 +106,7 @@ class LlamaForward {
   CpuMatrix output_;
   std::vector<float> rope_inv_freq_;
   std::vector<int64_t> unit_end_;  // per sequence, in Attention
+  std::vector<const SequenceInput*> policy_seqs_;  // in RunPolicies
   std::vector<int64_t> token_positions_;  // per batch token
   std::vector<float> x_, xn_, q_, k_, v_, attn_, gate_, up_;
   std::vector<uint8_t> matmul_scratch_;

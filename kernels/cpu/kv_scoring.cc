@@ -5,6 +5,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "kernels/cpu/paged_attention.h"
 #include "kernels/cpu/tile_internal.h"
 
@@ -87,11 +91,63 @@ void AddInto(float* acc, const float* x, int64_t n) {
 
 namespace internal {
 
-void TransposeTile(const float* k, int64_t width, int64_t head_dim, float* kt) {
-  for (int64_t j = 0; j < kTile; ++j) {
+namespace {
+
+// Keys [j0, j0 + 8) and dims [d0, d1) of the tile, one element at a time.
+void TransposeScalar(const float* k, int64_t width, int64_t head_dim, int64_t j0, int64_t d0,
+                     int64_t d1, float* kt) {
+  for (int64_t j = j0; j < j0 + 8; ++j) {
     const float* kj = k + j * head_dim;
-    for (int64_t d = 0; d < head_dim; ++d) kt[d * kTile + j] = j < width ? kj[d] : 0.0f;
+    for (int64_t d = d0; d < d1; ++d) kt[d * kTile + j] = j < width ? kj[d] : 0.0f;
   }
+}
+
+#if defined(__x86_64__)
+// The tile as 8x8 blocks transposed in registers: about a third of the
+// instructions of the scalar copy, whose stores are all strided.
+__attribute__((target("avx"))) void TransposeAvx(const float* k, int64_t width,
+                                                 int64_t head_dim, float* kt) {
+  for (int64_t j0 = 0; j0 < kTile; j0 += 8) {
+    int64_t d = 0;
+    for (; d + 8 <= head_dim; d += 8) {
+      __m256 r[8];
+      for (int64_t j = 0; j < 8; ++j) {
+        r[j] = j0 + j < width ? _mm256_loadu_ps(k + (j0 + j) * head_dim + d) : _mm256_setzero_ps();
+      }
+      // Pairs of rows interleaved, then quads, then the 128-bit halves.
+      __m256 t[8];
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      __m256 u[8];
+      for (int i = 0; i < 2; ++i) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+      }
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(kt + (d + i) * kTile + j0, _mm256_permute2f128_ps(u[i], u[4 + i], 0x20));
+        _mm256_storeu_ps(kt + (d + 4 + i) * kTile + j0,
+                         _mm256_permute2f128_ps(u[i], u[4 + i], 0x31));
+      }
+    }
+    TransposeScalar(k, width, head_dim, j0, d, head_dim, kt);
+  }
+}
+#endif
+
+}  // namespace
+
+static_assert(kTile % 8 == 0, "TransposeTile works in 8x8 blocks");
+
+void TransposeTile(const float* k, int64_t width, int64_t head_dim, float* kt) {
+#if defined(__x86_64__)
+  static const bool kAvx = __builtin_cpu_supports("avx");
+  if (kAvx) return TransposeAvx(k, width, head_dim, kt);
+#endif
+  for (int64_t j0 = 0; j0 < kTile; j0 += 8) TransposeScalar(k, width, head_dim, j0, 0, head_dim, kt);
 }
 
 void TileLogits(const float* kt, int64_t head_dim, const float* q, int64_t q_stride,

@@ -74,15 +74,6 @@ size_t ActRowBytes(ActKind kind, int64_t cols) {
   return 0;
 }
 
-void RunParallel(ThreadPool* pool, int64_t n, int64_t grain,
-                 const std::function<void(int64_t, int64_t)>& fn) {
-  if (pool == nullptr) {
-    fn(0, n);
-  } else {
-    pool->ParallelFor(n, grain, fn);
-  }
-}
-
 }  // namespace
 
 void MatMulReference(const MatMulArgs& args) {
@@ -199,7 +190,7 @@ void MatMulWithIsa(const MatMulArgs& args, void* scratch, ThreadPool* pool, Isa 
     job.act_stride = ActRowBytes(kind, args.cols);
     job.quantize = kind == ActKind::kBlock32 ? table.quantize_block32 : table.quantize_superblock;
     const int64_t grain = std::max<int64_t>(1, kQuantizeGrainElems / args.cols);
-    RunParallel(pool, args.n_tokens, grain, [&job](int64_t t0, int64_t t1) {
+    ParallelFor(pool, args.n_tokens, grain, [&job](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         job.quantize(job.args.x + t * job.args.x_stride, job.args.cols,
                      job.quantized + static_cast<size_t>(t) * job.act_stride);
@@ -210,7 +201,7 @@ void MatMulWithIsa(const MatMulArgs& args, void* scratch, ThreadPool* pool, Isa 
   // Units are rows, or groups of kPackRows rows in the packed layout. A tile
   // of tokens passes over a block of units while their weights stay in L1.
   const int64_t units = (args.rows + job.unit_rows - 1) / job.unit_rows;
-  RunParallel(pool, units, kRowGrain / job.unit_rows, [&job](int64_t u0, int64_t u1) {
+  ParallelFor(pool, units, kRowGrain / job.unit_rows, [&job](int64_t u0, int64_t u1) {
     const MatMulArgs& a = job.args;
     const auto* w = static_cast<const char*>(a.w);
     const int64_t block = kRowBlock / job.unit_rows;
