@@ -48,10 +48,15 @@ if ((with_llama)); then
     cmake --build "$cache/build" --target llama-bench -j "$(nproc)" >&2
   fi
   echo "[bench] llama.cpp llama-bench, $threads threads" >&2
-  out=$("$bench" -m "$model" -t "$threads" -p 512 -n 128 -r 5 -o json)
-  python3 - "$out" <<'PY'
-import json, sys
-rows = {("pp" if r["n_prompt"] else "tg"): r for r in json.loads(sys.argv[1])}
-print(f"| llama.cpp llama-bench | {rows['pp']['avg_ts']:.1f} | {rows['tg']['avg_ts']:.1f} | - |")
+  # Run from Python so that its peak RSS is measured like bench_forward's (getrusage).
+  python3 - "$bench" "$model" "$threads" <<'PY'
+import json, resource, subprocess, sys
+bench, model, threads = sys.argv[1:4]
+out = subprocess.run([bench, "-m", model, "-t", threads, "-p", "512", "-n", "128", "-r", "5",
+                      "-o", "json"], check=True, capture_output=True, text=True).stdout
+rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+rows = {("pp" if r["n_prompt"] else "tg"): r for r in json.loads(out)}
+print(f"| llama.cpp llama-bench | {rows['pp']['avg_ts']:.1f} | {rows['tg']['avg_ts']:.1f} "
+      f"| {rss_mib:.0f} |")
 PY
 fi
