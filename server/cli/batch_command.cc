@@ -65,6 +65,29 @@ struct InFlight {
   std::string text;
 };
 
+// Failed requests are counted, and the first few say why on stderr (all of
+// them are in --output).
+class Failures {
+ public:
+  void Add(size_t index, const absl::Status& why) {
+    if (count_++ < kShown) {
+      std::fprintf(stderr, "[batch] request %zu failed: %s\n", index,
+                   std::string(why.message()).c_str());
+    }
+  }
+  size_t count() const { return count_; }
+  void PrintUnshown() const {
+    if (count_ > kShown) {
+      std::fprintf(stderr, "[batch] ... and %zu more failed requests (--output lists them)\n",
+                   count_ - kShown);
+    }
+  }
+
+ private:
+  static constexpr size_t kShown = 10;
+  size_t count_ = 0;
+};
+
 absl::Status Run(const BatchOptions& o) {
   if (o.model.empty()) return absl::InvalidArgumentError("--model is required");
   if (o.prompts.empty()) return absl::InvalidArgumentError("--prompts is required");
@@ -111,7 +134,8 @@ absl::Status Run(const BatchOptions& o) {
   const size_t total = prompts.size() * static_cast<size_t>(o.repeat);
   std::vector<InFlight> flying;
   std::vector<nlohmann::json> results(total);
-  size_t next = 0, done = 0, failed = 0;
+  size_t next = 0, done = 0;
+  Failures failures;
   int64_t output_tokens = 0;
   const Clock::time_point start = Clock::now();
   Clock::time_point last_report = start;
@@ -122,7 +146,7 @@ absl::Status Run(const BatchOptions& o) {
       auto submitted = engine.Submit(std::move(r));
       if (!submitted.ok()) {
         results[next] = {{"index", next}, {"error", std::string(submitted.status().message())}};
-        ++failed;
+        failures.Add(next, submitted.status());
         ++done;
       } else {
         flying.push_back({next, submitted->first, submitted->second, {}, {}});
@@ -144,7 +168,7 @@ absl::Status Run(const BatchOptions& o) {
         nlohmann::json r = {{"index", f.index}, {"tokens", f.tokens}, {"text", f.text}};
         if (!e->error.ok()) {
           r["error"] = std::string(e->error.message());
-          ++failed;
+          failures.Add(f.index, e->error);
         } else {
           r["finish_reason"] = std::string(FinishReasonName(e->finish));
           nlohmann::json usage = {{"prompt_tokens", e->usage.prompt_tokens},
@@ -176,6 +200,8 @@ absl::Status Run(const BatchOptions& o) {
     }
     if (!progressed) std::this_thread::sleep_for(std::chrono::microseconds(500));
   }
+  failures.PrintUnshown();
+  const size_t failed = failures.count();
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   const server::EngineStats s = engine.Stats();
   if (!o.output.empty()) {

@@ -357,6 +357,14 @@ TEST(CliTest, BatchRunsEveryPromptAndPrintsASummary) {
                               " --max-tokens 200 --kv-cache-blocks 4 --json");
   ASSERT_EQ(small.exit_code, 0) << small.out;
   EXPECT_EQ(nlohmann::json::parse(small.out)["failed"], 5);
+  // Each failure says why on stderr.
+  const Result said = RunCli("batch --threads 1 --model " + kTinyModel + " --prompts " + prompts +
+                                 " --max-tokens 200 --kv-cache-blocks 4",
+                             /*merge_stderr=*/true);
+  ASSERT_EQ(said.exit_code, 0) << said.out;
+  EXPECT_THAT(said.out, HasSubstr("[batch] request 0 failed: "));
+  EXPECT_THAT(said.out, HasSubstr("[batch] request 4 failed: "));
+  EXPECT_THAT(said.out, HasSubstr("5 requests (5 failed)"));
   EXPECT_EQ(RunCli("batch --model " + kTinyModel + " --prompts " + prompts + " --concurrency 0")
                 .exit_code,
             1);
