@@ -295,7 +295,9 @@ void KvSequence::AccumulateH2o(const HeadStep& h, const float* q, int64_t q_stri
   const kernels::PagedKeys keys{cache.keys(h.layer), table.data(), shape_.block_size,
                                 shape_.num_kv_heads, h.kv_head,   d,
                                 h.slots};
-  const int64_t tokens_per_block = std::max<int64_t>(1, kRowBlock / group);
+  // Up to kRowBlock query rows at a time, and no more than the step has: a
+  // decode step's scratch holds one token's rows.
+  const int64_t tokens_per_block = std::max<int64_t>(1, std::min(kRowBlock / group, h.n));
   Grow(s.rows, tokens_per_block * group * d);
   Grow(s.row_len, tokens_per_block * group);
   Grow(s.logits, tokens_per_block * group * h.slots);

@@ -226,24 +226,31 @@ void LlamaForward::Attention(const ForwardBatch& batch, PagedKvCache& cache, int
 void LlamaForward::RunPolicies(const ForwardBatch& batch, PagedKvCache& cache, int64_t layer) {
   // Policies run after every sequence has attended: each touches only its
   // own KvSequence and blocks, which no other sequence reads.
-  policy_seqs_.clear();
-  for (const SequenceInput& seq : batch.sequences) {
-    if (seq.kv != nullptr) policy_seqs_.push_back(&seq);
-  }
   const int64_t q_dim = model_.config.q_dim();
   const auto run = [&](const SequenceInput& seq, ThreadPool* pool,
                        std::vector<KvScratch>& scratch) {
     seq.kv->AfterAttention(layer, q_.data() + seq.token_offset * q_dim, q_dim, seq.num_tokens,
                            seq.prompt_pending, cache, seq.block_table, pool, scratch);
   };
+  // Prompt chunks (the heavy hooks: H2O's and SnapKV's rows for every prompt
+  // token) split their heads and slots over the pool.
+  policy_seqs_.clear();
+  for (const SequenceInput& seq : batch.sequences) {
+    if (seq.kv == nullptr) continue;
+    if (seq.num_tokens > 1) {
+      run(seq, pool_, kv_scratch_);
+    } else {
+      policy_seqs_.push_back(&seq);
+    }
+  }
   if (static_cast<int64_t>(policy_seqs_.size()) < pool_->num_threads()) {
-    // Few sequences: each hook splits its own heads and slots over the pool.
+    // Few decodes: each hook splits its own heads and slots over the pool.
     for (const SequenceInput* seq : policy_seqs_) run(*seq, pool_, kv_scratch_);
     return;
   }
-  // Many (a decode batch): one dispatch for all of them, each hook on one
-  // thread with that thread's scratch, instead of three small dispatches per
-  // sequence and layer.
+  // Many decodes: one dispatch for all of them, each hook on one thread with
+  // that thread's scratch (one token's worth), instead of three small
+  // dispatches per sequence and layer.
   pool_->ParallelFor(static_cast<int64_t>(policy_seqs_.size()), 1,
                      [&](int64_t begin, int64_t end) {
                        thread_local std::vector<KvScratch> scratch;
