@@ -24,6 +24,11 @@ void Resize(std::vector<float>& v, size_t n) {
 
 size_t MatrixBytes(const Matrix& m) { return static_cast<size_t>(m.rows) * m.row_bytes; }
 
+bool SameMatrix(const Matrix& a, const Matrix& b) {
+  return a.dtype == b.dtype && a.data == b.data && a.rows == b.rows && a.cols == b.cols &&
+         a.row_bytes == b.row_bytes;
+}
+
 bool Overlap(const Matrix& a, const Matrix& b) {
   const auto* a0 = static_cast<const uint8_t*>(a.data);
   const auto* b0 = static_cast<const uint8_t*>(b.data);
@@ -59,6 +64,11 @@ LlamaForward::LlamaForward(const Model& model, ThreadPool* pool, ForwardOptions 
                        Prepare(l.w_gate), Prepare(l.w_up), Prepare(l.w_down)});
   }
   output_ = Prepare(model.weights.output);
+  // A tied embedding is looked up in the output head's packed copy.
+  if (output_.layout == kernels::WeightLayout::kPacked &&
+      SameMatrix(model.weights.output, model.weights.token_embedding)) {
+    packed_embedding_ = output_.data;
+  }
 }
 
 LlamaForward::CpuMatrix LlamaForward::Prepare(const Matrix& m) {
@@ -69,9 +79,11 @@ LlamaForward::CpuMatrix LlamaForward::Prepare(const Matrix& m) {
   auto& packed = packed_.emplace_back(std::make_unique_for_overwrite<uint8_t[]>(bytes));
   kernels::PackWeights(m.dtype, m.data, m.row_bytes, m.rows, m.cols, packed.get(), pool_);
   packed_bytes_ += bytes;
-  // Only the packed copy is read from now on, except by token lookups when
-  // the output matrix is the (tied) embedding.
-  if (!Overlap(m, model_.weights.token_embedding)) ReclaimPages(m.data, MatrixBytes(m));
+  // Only the packed copy is read from now on: a tied embedding's lookups
+  // read it too (the constructor sees to that). Pages shared with the
+  // embedding in any other way are left alone.
+  const Matrix& embedding = model_.weights.token_embedding;
+  if (SameMatrix(m, embedding) || !Overlap(m, embedding)) ReclaimPages(m.data, MatrixBytes(m));
   return {&m, packed.get(), kernels::WeightLayout::kPacked};
 }
 
@@ -281,8 +293,13 @@ absl::Status LlamaForward::Forward(const ForwardBatch& batch, PagedKvCache& cach
   }
 
   for (int64_t t = 0; t < n; ++t) {
-    kernels::DequantizeRow(w.token_embedding.dtype, w.token_embedding.Row(batch.tokens[t]),
-                           &x_[t * hidden], hidden);
+    if (packed_embedding_ != nullptr) {
+      kernels::DequantizePackedRow(w.token_embedding.dtype, packed_embedding_, hidden,
+                                   batch.tokens[t], &x_[t * hidden]);
+    } else {
+      kernels::DequantizeRow(w.token_embedding.dtype, w.token_embedding.Row(batch.tokens[t]),
+                             &x_[t * hidden], hidden);
+    }
   }
 
   for (int64_t layer = 0; layer < c.num_layers; ++layer) {

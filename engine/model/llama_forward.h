@@ -59,8 +59,8 @@ struct ForwardOptions {
   // Copy the weight matrices whose type has a packed layout (Q4_0, Q4_1,
   // Q5_0, Q5_1, Q8_0) into it at construction: about twice the matrix
   // product speed. The model's pages of those matrices are then handed back
-  // to the kernel (but a tied embedding's, which token lookups read), so a
-  // memory-mapped model's weights are held about once.
+  // to the kernel (a tied embedding's lookups read the packed output head),
+  // so a memory-mapped model's weights are held about once.
   bool pack_weights = true;
 };
 
@@ -104,6 +104,7 @@ class LlamaForward {
   size_t packed_bytes_ = 0;
   std::vector<CpuLayer> layers_;
   CpuMatrix output_;
+  const void* packed_embedding_ = nullptr;  // a tied embedding's packed copy, for lookups
   std::vector<float> rope_inv_freq_;
   std::vector<int64_t> unit_end_;  // per sequence, in Attention
   std::vector<const SequenceInput*> policy_seqs_;  // in RunPolicies

@@ -61,6 +61,11 @@ size_t PackedWeightBytes(DType type, int64_t rows, int64_t cols);
 void PackWeights(DType type, const void* w, size_t w_row_bytes, int64_t rows, int64_t cols,
                  void* out, ThreadPool* pool = nullptr);
 
+// Row `r` of a packed `cols`-wide matrix as f32: bit-identical to
+// DequantizeRow of the row it was packed from (token lookups in a tied
+// embedding read the packed copy).
+void DequantizePackedRow(DType type, const void* packed, int64_t cols, int64_t r, float* out);
+
 // Plain reference: dequantizes each row to f32, accumulates in double. Row
 // layout only.
 void MatMulReference(const MatMulArgs& args);

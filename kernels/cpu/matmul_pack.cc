@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "common/fp16.h"
 #include "kernels/cpu/matmul.h"
 #include "kernels/cpu/packed_blocks.h"
 #include "kernels/cpu/quant_blocks.h"
@@ -70,16 +71,39 @@ void Pack(const void* w, size_t w_row_bytes, int64_t rows, int64_t cols, void* o
   }
 }
 
+// The same arithmetic as DequantizeRow: d * (q - offset) [+ m] in f32.
+template <typename Block>
+void UnpackRow(const void* packed, int64_t cols, int64_t r, float* out) {
+  using Tile = typename PackedOf<Block>::Tile;
+  const int64_t nb = cols / kQK;
+  const Tile* tiles = static_cast<const Tile*>(packed) + (r / kPackRows) * nb;
+  const int i = static_cast<int>(r % kPackRows);
+  for (int64_t b = 0; b < nb; ++b, out += kQK) {
+    const Tile& tile = tiles[b];
+    const float d = HalfToFloat(tile.d[i]);
+    for (int k = 0; k < kQK; ++k) {
+      const auto q = static_cast<float>(PackedQuant(tile, i, k) - PackedOf<Block>::kOffset);
+      if constexpr (kTileHasMin<Tile>) {
+        out[k] = d * q + HalfToFloat(tile.m[i]);
+      } else {
+        out[k] = d * q;
+      }
+    }
+  }
+}
+
 using PackFn = void (*)(const void*, size_t, int64_t, int64_t, void*, int64_t, int64_t);
+using UnpackRowFn = void (*)(const void*, int64_t, int64_t, float*);
 
 struct Packer {
   size_t tile_bytes = 0;  // 0: no packed layout
   PackFn pack = nullptr;
+  UnpackRowFn unpack_row = nullptr;
 };
 
 template <typename Block>
 constexpr Packer PackerOf() {
-  return {sizeof(typename PackedOf<Block>::Tile), Pack<Block>};
+  return {sizeof(typename PackedOf<Block>::Tile), Pack<Block>, UnpackRow<Block>};
 }
 
 Packer PackerFor(DType type) {
@@ -119,6 +143,12 @@ void PackWeights(DType type, const void* w, size_t w_row_bytes, int64_t rows, in
   } else {
     pool->ParallelFor(groups, 64, run);
   }
+}
+
+void DequantizePackedRow(DType type, const void* packed, int64_t cols, int64_t r, float* out) {
+  const UnpackRowFn unpack = PackerFor(type).unpack_row;
+  if (unpack == nullptr) std::abort();  // CanPackWeights is checked first
+  unpack(packed, cols, r, out);
 }
 
 }  // namespace morphserve::kernels

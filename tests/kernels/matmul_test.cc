@@ -451,6 +451,13 @@ TEST_P(MatMulTypeTest, PackedTilesHoldEveryRow) {
   const Problem p = MakeProblem(type, 13, 96, 1, /*exact=*/false, rng);
   ASSERT_EQ(p.packed.size(), 2u * 3u * static_cast<size_t>(kPackRows) *
                                  static_cast<size_t>(GetDTypeInfo(type).block_bytes));
+  // Each row read back from the tiles is bit-identical to the dequantized row.
+  std::vector<float> row(static_cast<size_t>(p.cols));
+  for (int64_t r = 0; r < p.rows; ++r) {
+    DequantizePackedRow(type, p.packed.data(), p.cols, r, row.data());
+    ASSERT_EQ(std::memcmp(row.data(), p.w_f32.data() + r * p.cols, row.size() * sizeof(float)), 0)
+        << "row " << r;
+  }
   switch (type) {
     case DType::kQ4_0:
       return ExpectPackedHoldsRows<BlockQ4_0>(p);
