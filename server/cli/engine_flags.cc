@@ -27,8 +27,8 @@ void AddEngineFlags(ArgParser& p, EngineFlags* f) {
            "(0: launch every kernel each step)");
   p.AddInt("threads", &f->threads, "CPU threads for the engine (0: all cores)");
   p.AddFlag("no-weight-packing", &f->no_weight_packing,
-            "CPU: read Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices in place instead of packing a copy "
-            "at load (saves their size in memory, halves matrix-product speed)");
+            "CPU: read Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 matrices in the file's row layout instead of "
+            "packing them at load (half the matrix-product speed)");
 }
 
 absl::StatusOr<server::EngineOptions> EngineOptionsFromFlags(const EngineFlags& f) {
