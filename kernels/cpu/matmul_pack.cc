@@ -12,23 +12,20 @@
 namespace morphserve::kernels {
 namespace {
 
-// Element k of a row-layout block as stored (before the offset).
-inline int StoredQuant(const BlockQ4_0& b, int k) {
-  return k < kQK / 2 ? b.qs[k] & 15 : b.qs[k - kQK / 2] >> 4;
+// The quants of a row-layout block as stored (before the offset).
+void StoredQuants(const BlockQ4_0& b, int* q) { UnpackNibbles(b.qs, 0, q); }
+void StoredQuants(const BlockQ4_1& b, int* q) { UnpackNibbles(b.qs, 0, q); }
+void StoredQuants(const BlockQ5_0& b, int* q) {
+  UnpackNibbles(b.qs, 0, q);
+  AddHighBits(b.qh, q);
 }
-inline int StoredQuant(const BlockQ4_1& b, int k) {
-  return k < kQK / 2 ? b.qs[k] & 15 : b.qs[k - kQK / 2] >> 4;
+void StoredQuants(const BlockQ5_1& b, int* q) {
+  UnpackNibbles(b.qs, 0, q);
+  AddHighBits(b.qh, q);
 }
-template <typename Block>
-inline int StoredQuant5(const Block& b, int k) {
-  uint32_t qh;
-  std::memcpy(&qh, b.qh, sizeof(qh));
-  const int nibble = k < kQK / 2 ? b.qs[k] & 15 : b.qs[k - kQK / 2] >> 4;
-  return nibble | static_cast<int>((qh >> k) & 1u) << 4;
+void StoredQuants(const BlockQ8_0& b, int* q) {
+  for (int k = 0; k < kQK; ++k) q[k] = b.qs[k];
 }
-inline int StoredQuant(const BlockQ5_0& b, int k) { return StoredQuant5(b, k); }
-inline int StoredQuant(const BlockQ5_1& b, int k) { return StoredQuant5(b, k); }
-inline int StoredQuant(const BlockQ8_0& b, int k) { return b.qs[k]; }
 
 // Stores element k of row i of a tile: the inverse of PackedQuant.
 template <typename Tile>
@@ -65,7 +62,9 @@ void Pack(const void* w, size_t w_row_bytes, int64_t rows, int64_t cols, void* o
         const Block& blk = row[b];
         tile.d[i] = blk.d;
         if constexpr (kTileHasMin<Tile>) tile.m[i] = blk.m;
-        for (int k = 0; k < kQK; ++k) SetPackedQuant(tile, i, k, StoredQuant(blk, k));
+        int q[kQK];
+        StoredQuants(blk, q);
+        for (int k = 0; k < kQK; ++k) SetPackedQuant(tile, i, k, q[k]);
       }
     }
   }
@@ -137,12 +136,8 @@ void PackWeights(DType type, const void* w, size_t w_row_bytes, int64_t rows, in
   const PackFn pack = PackerFor(type).pack;
   if (pack == nullptr) std::abort();  // CanPackWeights is checked first
   const int64_t groups = (rows + kPackRows - 1) / kPackRows;
-  const auto run = [&](int64_t g0, int64_t g1) { pack(w, w_row_bytes, rows, cols, out, g0, g1); };
-  if (pool == nullptr) {
-    run(0, groups);
-  } else {
-    pool->ParallelFor(groups, 64, run);
-  }
+  ParallelFor(pool, groups, 64,
+              [&](int64_t g0, int64_t g1) { pack(w, w_row_bytes, rows, cols, out, g0, g1); });
 }
 
 void DequantizePackedRow(DType type, const void* packed, int64_t cols, int64_t r, float* out) {

@@ -71,19 +71,6 @@ struct Unpacked32 {
   float m;
 };
 
-void UnpackNibbles(const uint8_t* qs, int offset, int* q) {
-  for (int j = 0; j < kQK / 2; ++j) {
-    q[j] = (qs[j] & 15) - offset;
-    q[j + kQK / 2] = (qs[j] >> 4) - offset;
-  }
-}
-
-void AddHighBits(const uint8_t* qh_bytes, int* q) {
-  uint32_t qh;
-  std::memcpy(&qh, qh_bytes, sizeof(qh));
-  for (int j = 0; j < kQK; ++j) q[j] += static_cast<int>(((qh >> j) & 1u) << 4);
-}
-
 void Unpack(const BlockQ4_0& b, Unpacked32* u) {
   UnpackNibbles(b.qs, 8, u->q);
   u->d = HalfToFloat(b.d);

@@ -7,6 +7,7 @@
 #define MORPHSERVE_KERNELS_CPU_QUANT_BLOCKS_H_
 
 #include <cstdint>
+#include <cstring>
 
 namespace morphserve::kernels {
 
@@ -91,6 +92,22 @@ static_assert(sizeof(BlockQ8_0) == 34);
 static_assert(sizeof(BlockQ4K) == 144);
 static_assert(sizeof(BlockQ5K) == 176);
 static_assert(sizeof(BlockQ6K) == 210);
+
+// The nibbles of a Q4_0..Q5_1 block as integers, `offset` subtracted:
+// q[j] for element j (low nibbles are elements 0..15, high ones 16..31).
+inline void UnpackNibbles(const uint8_t* qs, int offset, int* q) {
+  for (int j = 0; j < kQK / 2; ++j) {
+    q[j] = (qs[j] & 15) - offset;
+    q[j + kQK / 2] = (qs[j] >> 4) - offset;
+  }
+}
+
+// Adds a Q5_0/Q5_1 block's fifth bits (bit j of qh, little-endian) to q.
+inline void AddHighBits(const uint8_t* qh_bytes, int* q) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, sizeof(qh));
+  for (int j = 0; j < kQK; ++j) q[j] += static_cast<int>(((qh >> j) & 1u) << 4);
+}
 
 // The 6-bit scales and mins of the eight sub-blocks of a Q4_K/Q5_K block.
 inline void UnpackScalesK4(const uint8_t* s, uint8_t* sc, uint8_t* m) {
